@@ -1,0 +1,312 @@
+"""Times slimcore's penalty step against the ways people write it today.
+
+For the BatchNorm layers of torchvision resnet50 and densenet121 and a ResNet-164-sized model:
+
+  eager loop     the reference repo's updateBN: a Python loop over model.modules(), two ops per layer
+  eager list     the same loop over a pre-collected list of BN weights (no module traversal)
+  foreach        a torch._foreach_* composition over pre-collected lists
+  slimcore       slimcore.SparseBNStep (BN weights collected once): one fused kernel per step
+  slimcore fn    slimcore.sparse_bn_step(model, ...): collects the BN weights on every call
+
+Every candidate's result is checked against slimcore's before timing. Times are the median (and
+interquartile range) of interleaved repeats, so machine drift hits every candidate alike; the
+speed-ups printed are ratios of medians measured in this one run. Results go to
+benchmarks/results/kernels-<device>.json (or --out).
+
+    python benchmarks/kernels.py                      # CPU (and CUDA if visible), all models
+    python benchmarks/kernels.py --device cuda --modes subgradient
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import slimcore
+
+LAM = 1e-4  # the paper's lambda for VGG
+MU = 1e-3  # a proximal step: lr 0.1 * lam 1e-2
+TL1_A = 1.0
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def resnet164_sized():
+    """The 163 BatchNorm layers of pre-activation ResNet-164 (CIFAR), each after a 1x1 conv, so
+    module traversal costs what it costs in the real network."""
+    sizes = []
+    inplanes = 16
+    for planes in (16, 32, 64):
+        for block in range(18):
+            sizes += [inplanes, planes, planes]  # bn1 (pre-activation input), bn2, bn3
+            inplanes = planes * 4
+    sizes.append(inplanes)  # final BN
+    layers = []
+    for c in sizes:
+        layers += [nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)]
+    return nn.Sequential(*layers)
+
+
+def build_model(name):
+    if name == "resnet164":
+        return resnet164_sized()
+    import torchvision
+
+    return getattr(torchvision.models, name)()
+
+
+# -------------------------------------------------------------------------------------- candidates
+
+
+def candidates(model, mode, penalty, device):
+    """{name: fn} doing the same penalty step on `model` in different ways."""
+    bn_types = nn.modules.batchnorm._BatchNorm
+    weights = [w for _, w in slimcore.bn_weights(model)]
+
+    def grads():
+        return [w.grad for w in weights]
+
+    if mode == "subgradient" and penalty == "l1":
+
+        def eager_loop():
+            for m in model.modules():
+                if isinstance(m, bn_types):
+                    m.weight.grad.data.add_(LAM * torch.sign(m.weight.data))
+
+        def eager_list():
+            for w in weights:
+                w.grad.add_(LAM * torch.sign(w.detach()))
+
+        def foreach():
+            torch._foreach_add_(grads(), torch._foreach_sign(weights), alpha=LAM)
+
+    elif mode == "subgradient" and penalty == "tl1":
+        a = TL1_A
+
+        def tl1_grad(w):
+            return (LAM * a * (a + 1)) * torch.sign(w) / (a + w.abs()) ** 2
+
+        def eager_loop():
+            for m in model.modules():
+                if isinstance(m, bn_types):
+                    m.weight.grad.data.add_(tl1_grad(m.weight.data))
+
+        def eager_list():
+            for w in weights:
+                w.grad.add_(tl1_grad(w.detach()))
+
+        def foreach():
+            denom = torch._foreach_abs(weights)
+            torch._foreach_add_(denom, a)
+            torch._foreach_mul_(denom, denom)
+            num = torch._foreach_sign(weights)
+            torch._foreach_div_(num, denom)
+            torch._foreach_add_(grads(), num, alpha=LAM * a * (a + 1))
+
+    elif mode == "proximal" and penalty == "l1":
+
+        def soft(w):
+            return torch.sign(w) * (w.abs() - MU).clamp_(min=0)
+
+        def eager_loop():
+            for m in model.modules():
+                if isinstance(m, bn_types):
+                    m.weight.data.copy_(soft(m.weight.data))
+
+        def eager_list():
+            with torch.no_grad():
+                for w in weights:
+                    w.copy_(soft(w))
+
+        def foreach():
+            with torch.no_grad():
+                shrunk = torch._foreach_abs(weights)
+                torch._foreach_sub_(shrunk, MU)
+                torch._foreach_clamp_min_(shrunk, 0.0)
+                torch._foreach_mul_(shrunk, torch._foreach_sign(weights))
+                torch._foreach_copy_(weights, shrunk)
+
+    else:
+        raise ValueError(f"no baseline for {mode} {penalty}")
+
+    lam = MU if mode == "proximal" else LAM
+    kwargs = dict(mode=mode)
+    call_kwargs = dict(lr=1.0) if mode == "proximal" else {}
+    prepared = slimcore.SparseBNStep(model, lam=lam, penalty=penalty, **kwargs)
+    return {
+        "eager loop": eager_loop,
+        "eager list": eager_list,
+        "foreach": foreach,
+        "slimcore": lambda: prepared(**call_kwargs),
+        "slimcore fn": lambda: slimcore.sparse_bn_step(model, lam=lam, penalty=penalty, **kwargs, **call_kwargs),
+    }
+
+
+def reset_state(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, w in slimcore.bn_weights(model):
+            w.copy_(torch.randn(w.shape, generator=g) * 0.01)  # many |gamma| near MU: both prox branches
+            w.grad = torch.zeros_like(w)
+
+
+def check_agreement(model, fns, mode):
+    """Each candidate must compute what slimcore computes (one call from the same state)."""
+    outputs = {}
+    for name, fn in fns.items():
+        reset_state(model)
+        fn()
+        tensors = [w.detach() if mode == "proximal" else w.grad for _, w in slimcore.bn_weights(model)]
+        outputs[name] = torch.cat([t.flatten() for t in tensors]).cpu()
+    want = outputs["slimcore"]
+    for name, got in outputs.items():
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} disagrees: {m}")
+    reset_state(model)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def timed_calls(fn, calls, device):
+    """Seconds per call over `calls` consecutive calls."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def benchmark(fns, device, repeats, target_s):
+    """{name: (median_us, iqr_us)} from `repeats` interleaved rounds."""
+    calls = {}
+    for name, fn in fns.items():  # warm up, and size each round to ~target_s
+        timed_calls(fn, 20, device)
+        per_call = timed_calls(fn, 20, device)
+        calls[name] = max(5, int(target_s / max(per_call, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(timed_calls(fn, calls[name], device) * 1e6)
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0], s[0], s[0]]
+        out[name] = (statistics.median(s), q[2] - q[0])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def git_commit():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_json(path, payload):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="all = CPU, plus CUDA when a GPU is visible (default)")
+    parser.add_argument("--models", default="resnet50,densenet121,resnet164")
+    parser.add_argument("--modes", default="subgradient,proximal", help="subgradient and/or proximal")
+    parser.add_argument("--penalties", default="l1", help="l1 and/or tl1 (subgradient only)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--round-seconds", type=float, default=0.02, help="time per candidate per round")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("kernels.py: --device cuda but no CUDA GPU is visible")
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    info = slimcore.build_info()
+    if not info["extension_loaded"]:
+        print(f"WARNING: slimcore's compiled ops are not loaded ({info['load_error']}); timing the reference")
+
+    for dev in devices:
+        device = torch.device(dev)
+        records = []
+        header = f"{'model':<12} {'BN layers':>9} {'channels':>8}  {'step':<16} " + " ".join(
+            f"{n:>15}" for n in ("eager loop", "eager list", "foreach", "slimcore", "slimcore fn")
+        ) + f" {'x eager loop':>12} {'x foreach':>9}"
+        print(f"\n{device_name(device)} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}; "
+              "median us per step (IQR)")
+        print(header)
+        for model_name in args.models.split(","):
+            model = build_model(model_name).to(device)
+            weights = [w for _, w in slimcore.bn_weights(model)]
+            channels = sum(w.numel() for w in weights)
+            for mode in args.modes.split(","):
+                for penalty in args.penalties.split(","):
+                    if mode == "proximal" and penalty != "l1":
+                        continue
+                    fns = candidates(model, mode, penalty, device)
+                    check_agreement(model, fns, mode)
+                    times = benchmark(fns, device, args.repeats, args.round_seconds)
+                    speedup_eager = times["eager loop"][0] / times["slimcore"][0]
+                    speedup_foreach = times["foreach"][0] / times["slimcore"][0]
+                    cells = " ".join(f"{m:>8.1f} ({q:>4.1f})" for m, q in times.values())
+                    print(f"{model_name:<12} {len(weights):>9} {channels:>8}  {penalty + ' ' + mode:<16} {cells} "
+                          f"{speedup_eager:>11.1f}x {speedup_foreach:>8.1f}x")
+                    records.append(dict(
+                        model=model_name, bn_layers=len(weights), channels=channels, mode=mode, penalty=penalty,
+                        median_us={k: v[0] for k, v in times.items()}, iqr_us={k: v[1] for k, v in times.items()},
+                        speedup_vs_eager_loop=speedup_eager, speedup_vs_foreach=speedup_foreach,
+                    ))
+        out = args.out if args.out and len(devices) == 1 else os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{dev}.json")
+        write_json(out, dict(
+            benchmark="kernels", device=device_name(device), device_type=dev, torch=torch.__version__,
+            threads=torch.get_num_threads(), commit=git_commit(), python=platform.python_version(),
+            slimcore_build=info, repeats=args.repeats, records=records,
+        ))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

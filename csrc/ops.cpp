@@ -1,0 +1,28 @@
+// Every slimcore operator schema, in one place. Kernels register per backend in cpu/<op>.cpp and
+// cuda/<op>.cu; the pure-PyTorch reference and the fake (meta) kernels live in slimcore/reference.py
+// and slimcore/ops.py.
+//
+// The penalty ops take the penalty by name plus its shape parameters (unused ones are ignored):
+//   "l1"   g = |x|
+//   "l2"   g = x^2
+//   "lp"   g = |x|^p, 0 < p < 1; the subgradient uses p*sign(x)*(|x|+eps)^(p-1)
+//   "tl1"  g = (a+1)|x|/(a+|x|), a > 0
+//   "scad" SCAD with lambda = knee and shape a > 2
+//   "mcp"  MCP with lambda = knee and gamma = a > 1
+// `scale` holds one multiplier for all tensors or one per tensor.
+#include <torch/library.h>
+
+TORCH_LIBRARY(slimcore, m) {
+  // grads[i] += scale[i] * dg(weights[i])   (network slimming's updateBN, any penalty)
+  m.def(
+      "penalty_subgradient_(Tensor[] weights, Tensor(a!)[] grads, str penalty, float[] scale, "
+      "float p, float a, float knee, float eps) -> ()");
+  // weights[i] = argmin_x 1/2 (x - weights[i])^2 + scale[i] * g(x)   (proximal step, exact zeros)
+  m.def(
+      "penalty_prox_(Tensor(a!)[] weights, str penalty, float[] scale, "
+      "float p, float a, float knee, float eps) -> ()");
+  // sum_i scale[i] * sum_j g(weights[i][j]), as a 0-dim float32 tensor (float64 if any input is)
+  m.def(
+      "penalty_value(Tensor[] weights, str penalty, float[] scale, "
+      "float p, float a, float knee, float eps) -> Tensor");
+}

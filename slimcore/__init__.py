@@ -1,0 +1,29 @@
+"""slimcore: C++/CUDA-accelerated network slimming for PyTorch.
+
+The public API, re-exported; see README.md for the architecture.
+"""
+
+__version__ = "0.1.0"
+
+from . import penalties, reference
+from ._ext import build_info
+from .penalties import L1, L2, MCP, SCAD, TL1, Lp, LpNorm
+from .step import SparseBNStep, bn_weights, sparse_bn_step, sparsity_loss
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "penalties",
+    "reference",
+    "L1",
+    "L2",
+    "Lp",
+    "LpNorm",
+    "TL1",
+    "SCAD",
+    "MCP",
+    "SparseBNStep",
+    "bn_weights",
+    "sparse_bn_step",
+    "sparsity_loss",
+]

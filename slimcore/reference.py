@@ -1,0 +1,252 @@
+"""Pure-PyTorch versions of every slimcore op.
+
+They are the oracle the compiled kernels are tested against and the fallback when the extension
+cannot be loaded. Each list-level function has the signature of its ``torch.ops.slimcore`` op.
+Written for clarity, not speed: elementwise formulas from shared/design/penalties.md, computed in
+float32 (float64 for float64 inputs; TL1's prox always in float64), like the kernels.
+"""
+
+import math
+
+import torch
+
+PENALTY_NAMES = ("l1", "l2", "lp", "tl1", "scad", "mcp")
+
+
+def check_penalty(penalty, p, a, knee, eps):
+    """The parameter rules of csrc/penalty_args.cpp, with the same messages."""
+    if penalty not in PENALTY_NAMES:
+        raise ValueError(f"slimcore: unknown penalty '{penalty}'; expected one of {', '.join(PENALTY_NAMES)}")
+
+    def finite_at_least(value, low, strict, what):
+        ok = math.isfinite(value) and (value > low if strict else value >= low)
+        if not ok:
+            raise ValueError(f"slimcore: {what}, got {value}")
+
+    if penalty == "lp":
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"slimcore: Lp penalty needs 0 < p < 1 (use 'l1' for p = 1), got p={p}")
+        finite_at_least(eps, 0.0, False, "Lp penalty needs a finite eps >= 0")
+    elif penalty == "tl1":
+        finite_at_least(a, 0.0, True, "TL1 penalty needs a finite a > 0")
+    elif penalty == "scad":
+        finite_at_least(a, 2.0, True, "SCAD penalty needs a finite a > 2")
+        finite_at_least(knee, 0.0, False, "SCAD penalty needs a finite knee (lambda) >= 0")
+    elif penalty == "mcp":
+        finite_at_least(a, 1.0, True, "MCP penalty needs a finite gamma > 1")
+        finite_at_least(knee, 0.0, False, "MCP penalty needs a finite knee (lambda) >= 0")
+
+
+def _acc(x):
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise: g(x), an element of dg(x), prox_{mu g}(v). Inputs already in the math dtype.
+
+
+def _scad_value_abs(u, a, lam):
+    mid = (2 * a * lam * u - u * u - lam * lam) / (2 * (a - 1))
+    return torch.where(u <= lam, lam * u, torch.where(u <= a * lam, mid, torch.full_like(u, (a + 1) * lam * lam / 2)))
+
+
+def _mcp_value_abs(u, gamma, lam):
+    return torch.where(u <= gamma * lam, lam * u - u * u / (2 * gamma), torch.full_like(u, gamma * lam * lam / 2))
+
+
+def value(x, penalty, p=0.0, a=0.0, knee=0.0, eps=0.0):
+    """g(x) elementwise. Lp with eps > 0 is the smoothed (|x|+eps)^p - eps^p, whose derivative is the
+    eps-shifted subgradient; eps = 0 gives |x|^p."""
+    u = x.abs()
+    if penalty == "l1":
+        return u
+    if penalty == "l2":
+        return x * x
+    if penalty == "lp":
+        return (u + eps) ** p - eps**p
+    if penalty == "tl1":
+        return (a + 1) * u / (a + u)
+    if penalty == "scad":
+        return torch.where(torch.isnan(x), x, _scad_value_abs(u, a, knee))
+    if penalty == "mcp":
+        return torch.where(torch.isnan(x), x, _mcp_value_abs(u, a, knee))
+    raise ValueError(f"slimcore: unknown penalty '{penalty}'")
+
+
+def subgradient(x, penalty, p=0.0, a=0.0, knee=0.0, eps=0.0):
+    """An element of dg(x): 0 at x = 0, NaN at NaN (torch.sign(NaN) would silently give 0)."""
+    s = torch.sign(x)
+    u = x.abs()
+    if penalty == "l1":
+        d = s
+    elif penalty == "l2":
+        d = 2 * x
+    elif penalty == "lp":
+        d = torch.where(x == 0, torch.zeros_like(x), s * p * (u + eps) ** (p - 1))
+    elif penalty == "tl1":
+        d = s * a * (a + 1) / (a + u) ** 2
+    elif penalty == "scad":
+        d = s * torch.where(u <= knee, torch.full_like(u, knee), (a * knee - u).clamp(min=0) / (a - 1))
+    elif penalty == "mcp":
+        d = s * (knee - u / a).clamp(min=0)
+    else:
+        raise ValueError(f"slimcore: unknown penalty '{penalty}'")
+    return torch.where(torch.isnan(x), x, d)
+
+
+def _prox_lp_half_abs(u, mu):
+    thr = 1.5 * mu ** (2.0 / 3.0)
+    safe = u.clamp(min=thr if thr > 0 else 1.0)  # the unused branch must stay finite
+    arg = ((mu / 4) * (3 / safe) ** 1.5).clamp(-1, 1)
+    x = (2.0 / 3.0) * safe * (1 + torch.cos(2 * math.pi / 3 - (2.0 / 3.0) * torch.arccos(arg)))
+    return torch.where(u > thr, x, torch.zeros_like(u))
+
+
+def _prox_lp_two_thirds_abs(u, mu):
+    thr = 2 * (2 * mu / 3) ** 0.75
+    lam2 = 2 * mu
+    safe = u.clamp(min=thr)
+    theta = torch.arccosh(((27 * safe * safe / 16) * lam2**-1.5).clamp(min=1))
+    phi = (2 / math.sqrt(3)) * lam2**0.25 * torch.sqrt(torch.cosh(theta / 3))
+    root = torch.sqrt((2 * safe / phi - phi * phi).clamp(min=0))
+    x = ((phi + root) / 2) ** 3
+    return torch.where(u > thr, x, torch.zeros_like(u))
+
+
+def _prox_lp_general_abs(u, mu, p):
+    base = 2 * mu * (1 - p)
+    tau = base ** (1 / (2 - p)) + mu * p * base ** ((p - 1) / (2 - p))
+    active = u > tau
+    x = u.clone()
+    eps = torch.finfo(u.dtype).eps
+    for _ in range(200):
+        nxt = torch.where(active, u - mu * p * x.clamp(min=torch.finfo(u.dtype).tiny) ** (p - 1), x)
+        moved = (nxt - x).abs() > 4 * eps * nxt.abs()
+        x = nxt
+        if not bool(moved.any()):
+            break
+    return torch.where(active, x, torch.zeros_like(u))
+
+
+def _prox_tl1_abs(u, mu, a):
+    u64 = u.double()
+    thr = mu * (a + 1) / a if mu <= a * a / (2 * (a + 1)) else math.sqrt(2 * mu * (a + 1)) - a / 2
+    d = a + u64
+    phi = torch.arccos((1 - 27 * mu * a * (a + 1) / (2 * d**3)).clamp(-1, 1))
+    x = (2.0 / 3.0) * d * torch.cos(phi / 3) - 2 * a / 3 + u64 / 3
+    return torch.where(u64 > thr, x, torch.zeros_like(u64)).to(u.dtype)
+
+
+def _prox_scad_abs(u, c, a, lam):
+    if a > 1 + c:
+        low = (u - c * lam).clamp(min=0)
+        mid = ((a - 1) * u - c * a * lam) / (a - 1 - c)
+        return torch.where(u <= (1 + c) * lam, low, torch.where(u <= a * lam, mid, u))
+    x1 = (u - c * lam).clamp(0, lam)
+    x3 = u.clamp(min=a * lam)
+    f1 = 0.5 * (x1 - u) ** 2 + c * _scad_value_abs(x1, a, lam)
+    f3 = 0.5 * (x3 - u) ** 2 + c * _scad_value_abs(x3, a, lam)
+    return torch.where(f3 < f1, x3, x1)
+
+
+def _prox_mcp_abs(u, c, gamma, lam):
+    if gamma > c:
+        return torch.where(u <= gamma * lam, gamma * (u - c * lam).clamp(min=0) / (gamma - c), u)
+    return torch.where(u > lam * math.sqrt(c * gamma), u, torch.zeros_like(u))
+
+
+def prox(v, mu, penalty, p=0.0, a=0.0, knee=0.0, eps=0.0):
+    """argmin_x 1/2 (x - v)^2 + mu * g(x), elementwise; non-finite v and mu = 0 return v.
+    Lp uses the exact |x|^p here (eps only shapes the subgradient)."""
+    if mu == 0:
+        return v.clone()
+    u = v.abs()
+    if penalty == "l1":
+        x = (u - mu).clamp(min=0)
+    elif penalty == "l2":
+        x = u / (1 + 2 * mu)
+    elif penalty == "lp":
+        if p == 0.5:
+            x = _prox_lp_half_abs(u, mu)
+        elif abs(p - 2.0 / 3.0) < 1e-12:
+            x = _prox_lp_two_thirds_abs(u, mu)
+        else:
+            x = _prox_lp_general_abs(u, mu, p)
+    elif penalty == "tl1":
+        x = _prox_tl1_abs(u, mu, a)
+    elif penalty == "scad":
+        x = _prox_scad_abs(u, mu, a, knee)
+    elif penalty == "mcp":
+        x = _prox_mcp_abs(u, mu, a, knee)
+    else:
+        raise ValueError(f"slimcore: unknown penalty '{penalty}'")
+    x = torch.where(v < 0, -x, x)
+    return torch.where(torch.isfinite(v), x, v)
+
+
+# --------------------------------------------------------------------------------------------
+# List-level twins of the torch.ops.slimcore ops (same signatures).
+
+
+def _check_list(tensors, list_name):
+    for i, t in enumerate(tensors):
+        if t is None:
+            raise ValueError(f"slimcore: {list_name}[{i}] is undefined (None)")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"slimcore: {list_name}[{i}] must be floating point (float64/32/16 or bfloat16), got {t.dtype}"
+            )
+        if t.device != tensors[0].device:
+            raise ValueError(
+                f"slimcore: {list_name} are on mixed devices: {list_name}[0] is on {tensors[0].device} "
+                f"but {list_name}[{i}] is on {t.device}"
+            )
+
+
+def _scales(scale, n):
+    scale = list(scale)
+    if len(scale) not in (1, n):
+        raise ValueError(f"slimcore: scale must have 1 entry or one per tensor ({n}), got {len(scale)}")
+    for s in scale:
+        if not (math.isfinite(s) and s >= 0):
+            raise ValueError(f"slimcore: scale must be finite and >= 0, got {s}")
+    return scale * n if len(scale) == 1 else scale
+
+
+def penalty_subgradient_(weights, grads, penalty, scale, p, a, knee, eps):
+    """grads[i] += scale[i] * dg(weights[i]), in place."""
+    check_penalty(penalty, p, a, knee, eps)
+    _check_list(weights, "weights")
+    _check_list(grads, "grads")
+    if len(weights) != len(grads):
+        raise ValueError(f"slimcore: got {len(weights)} weights but {len(grads)} grads")
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
+            raise ValueError(
+                f"slimcore: grads[{i}] ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match "
+                f"weights[{i}] ({w.dtype}, {tuple(w.shape)}, {w.device})"
+            )
+    with torch.no_grad():
+        for w, g, s in zip(weights, grads, _scales(scale, len(weights))):
+            d = subgradient(_acc(w), penalty, p, a, knee, eps)
+            g.copy_(_acc(g) + s * d)
+
+
+def penalty_prox_(weights, penalty, scale, p, a, knee, eps):
+    """weights[i] = prox_{scale[i] g}(weights[i]), in place."""
+    check_penalty(penalty, p, a, knee, eps)
+    _check_list(weights, "weights")
+    with torch.no_grad():
+        for w, s in zip(weights, _scales(scale, len(weights))):
+            w.copy_(prox(_acc(w), s, penalty, p, a, knee, eps))
+
+
+def penalty_value(weights, penalty, scale, p, a, knee, eps):
+    """sum_i scale[i] * sum_j g(weights[i][j]) as a 0-dim tensor (float64 if any input is, else float32)."""
+    check_penalty(penalty, p, a, knee, eps)
+    _check_list(weights, "weights")
+    if not weights:
+        raise ValueError("slimcore: penalty_value needs at least one tensor to pick a device")
+    out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    total = sum(s * value(_acc(w), penalty, p, a, knee, eps).double().sum() for w, s in zip(weights, _scales(scale, len(weights))))
+    return total.to(out_dtype)
