@@ -66,7 +66,7 @@ def build_model(name):
 # -------------------------------------------------------------------------------------- candidates
 
 
-def candidates(model, mode, penalty, device):
+def candidates(model, mode, penalty):
     """{name: fn} doing the same penalty step on `model` in different ways."""
     bn_types = nn.modules.batchnorm._BatchNorm
     weights = [w for _, w in slimcore.bn_weights(model)]
@@ -138,15 +138,14 @@ def candidates(model, mode, penalty, device):
         raise ValueError(f"no baseline for {mode} {penalty}")
 
     lam = MU if mode == "proximal" else LAM
-    kwargs = dict(mode=mode)
-    call_kwargs = dict(lr=1.0) if mode == "proximal" else {}
-    prepared = slimcore.SparseBNStep(model, lam=lam, penalty=penalty, **kwargs)
+    lr = 1.0 if mode == "proximal" else None  # proximal step mu = lr * lam = MU
+    prepared = slimcore.SparseBNStep(model, lam=lam, penalty=penalty, mode=mode)
     return {
         "eager loop": eager_loop,
         "eager list": eager_list,
         "foreach": foreach,
-        "slimcore": lambda: prepared(**call_kwargs),
-        "slimcore fn": lambda: slimcore.sparse_bn_step(model, lam=lam, penalty=penalty, **kwargs, **call_kwargs),
+        "slimcore": lambda: prepared(lr=lr),
+        "slimcore fn": lambda: slimcore.sparse_bn_step(model, lam=lam, penalty=penalty, mode=mode, lr=lr),
     }
 
 
@@ -285,7 +284,7 @@ def main(argv=None):
                 for penalty in args.penalties.split(","):
                     if mode == "proximal" and penalty != "l1":
                         continue
-                    fns = candidates(model, mode, penalty, device)
+                    fns = candidates(model, mode, penalty)
                     check_agreement(model, fns, mode)
                     times = benchmark(fns, device, args.repeats, args.round_seconds)
                     speedup_eager = times["eager loop"][0] / times["slimcore"][0]

@@ -46,7 +46,6 @@ def _finite(x):
 class Penalty:
     """Base class. ``term(lam)`` gives the kernel arguments of ``lam * g``."""
 
-    name = ""
     supports_prox = True
 
     def term(self, lam: float) -> PenaltyTerm:
@@ -55,7 +54,6 @@ class Penalty:
 
 @dataclass(frozen=True)
 class L1(Penalty):
-    name = "l1"
 
     def term(self, lam):
         return PenaltyTerm("l1", lam)
@@ -63,7 +61,6 @@ class L1(Penalty):
 
 @dataclass(frozen=True)
 class L2(Penalty):
-    name = "l2"
 
     def term(self, lam):
         return PenaltyTerm("l2", lam)
@@ -73,7 +70,6 @@ class L2(Penalty):
 class Lp(Penalty):
     p: float
     eps: float = 1e-4
-    name = "lp"
 
     def __post_init__(self):
         _check(_finite(self.p) and 0 < self.p < 1, f"Lp needs 0 < p < 1 (use L1() for p = 1), got p={self.p!r}")
@@ -89,7 +85,6 @@ class LpNorm(Penalty):
 
     p: float
     eps: float = 1e-4
-    name = "lpnorm"
     supports_prox = False
 
     def __post_init__(self):
@@ -104,7 +99,6 @@ class LpNorm(Penalty):
 @dataclass(frozen=True)
 class TL1(Penalty):
     a: float = 1.0
-    name = "tl1"
 
     def __post_init__(self):
         _check(_finite(self.a) and self.a > 0, f"TL1 needs a finite a > 0, got a={self.a!r}")
@@ -121,7 +115,6 @@ def _check_theta(cls, theta):
 class SCAD(Penalty):
     a: float = 3.7
     theta: Optional[float] = None
-    name = "scad"
 
     def __post_init__(self):
         _check(_finite(self.a) and self.a > 2, f"SCAD needs a > 2, got a={self.a!r}")
@@ -137,7 +130,6 @@ class SCAD(Penalty):
 class MCP(Penalty):
     gamma: float = 3.0
     theta: Optional[float] = None
-    name = "mcp"
 
     def __post_init__(self):
         _check(_finite(self.gamma) and self.gamma > 1, f"MCP needs gamma > 1, got gamma={self.gamma!r}")

@@ -137,10 +137,11 @@ class SparseBNStep:
                 "call loss.backward() first (subgradient mode adds lam * dg(gamma) to the gradient)"
             )
         t = self.term
-        scale = t.strength
-        if isinstance(self.penalty, LpNorm):
-            scale = self._lpnorm_scale()
+        scale = self._lpnorm_scale() if isinstance(self.penalty, LpNorm) else t.strength
         with torch.no_grad():
+            if scale is None:
+                torch._foreach_add_(grads, float("nan"))  # NaN stays visible, as for the other penalties
+                return
             ops.penalty_subgradient_(self.weights, grads, t.op, [scale], t.p, t.a, t.knee, t.eps)
 
     def _lpnorm_scale(self):
@@ -150,7 +151,7 @@ class SparseBNStep:
         with torch.no_grad():
             s = float(ops.penalty_value(self.weights, "lp", [1.0], p, 0.0, 0.0, 0.0))
         if not math.isfinite(s):
-            return float("nan") if math.isnan(s) else 0.0
+            return None  # a NaN/Inf gamma: the norm, hence every partial derivative, is undefined
         return self.lam * s ** ((1 - p) / p) / p if s > 0 else 0.0
 
     def _step_sizes(self, lr, optimizer):

@@ -217,6 +217,13 @@ def test_nan_gamma_stays_nan():
     assert torch.isnan(w[0])
 
 
+def test_lpnorm_with_a_nan_gamma_makes_every_gradient_nan():
+    w = nn.Parameter(torch.tensor([float("nan"), 1.0, 0.5]))
+    w.grad = torch.zeros(3)
+    slimcore.sparse_bn_step([w], lam=1e-2, penalty=slimcore.LpNorm(0.5))
+    assert torch.isnan(w.grad).all()
+
+
 def test_clear_errors_on_bad_input():
     model = small_model()
     with pytest.raises(ValueError, match=r"1.weight, 3.1.weight, 7.weight has no .grad; call loss.backward\(\) first"):

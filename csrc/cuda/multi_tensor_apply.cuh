@@ -88,6 +88,7 @@ void multi_tensor_apply(const std::vector<at::TensorList>& lists, const std::vec
   if (blocks > 0) launch(meta, blocks);
 }
 
+#ifdef __CUDACC__  // the packing above is plain host code, tested by tests/cpp without a GPU
 // Element range [begin, end) of the chunk this block owns.
 template <typename Meta>
 __device__ __forceinline__ void block_chunk(const Meta& meta, int& tensor, int64_t& begin, int64_t& end) {
@@ -95,6 +96,7 @@ __device__ __forceinline__ void block_chunk(const Meta& meta, int& tensor, int64
   begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   end = begin + kChunkSize < meta.numel[tensor] ? begin + kChunkSize : meta.numel[tensor];
 }
+#endif
 
 }  // namespace cuda
 }  // namespace slimcore
