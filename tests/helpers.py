@@ -72,3 +72,46 @@ def devices():
     import pytest
 
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def randomize_batchnorms(model, seed=0):
+    """Random gamma, beta and running statistics, so a BN is not the identity and |gamma| ranks."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.01)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def zero_removed(model, removed):
+    """Forward hooks that zero report.removed channels at each listed module's output: the masked
+    dense model the pruned model must reproduce. Returns the hook handles."""
+    from torch import nn
+
+    handles = []
+    for name, idx in removed.items():
+        module = model.get_submodule(name)
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        index = torch.tensor(idx, dtype=torch.long)
+
+        def hook(m, args, out, index=index, dim=dim):
+            return out.index_fill(dim, index.to(out.device), 0.0)
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def assert_same_function(pruned, masked, x, rtol=1e-4):
+    with torch.no_grad():
+        want, got = masked(x), pruned(x)
+    scale = want.abs().max().clamp(min=1e-12)
+    err = (got - want).abs().max() / scale
+    assert err <= rtol, f"pruned model differs from the masked dense model: max relative error {err:.2e}"

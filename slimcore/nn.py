@@ -1,0 +1,83 @@
+"""Modules that slimcore puts into models.
+
+``SelectedBatchNorm1d/2d/3d``: a BatchNorm that first keeps a subset of its input channels
+(``x.index_select(1, selected_index)``), then normalises them. The pruner turns a selection BN
+(one reading a tensor that other layers also read, e.g. pre-activation ResNet's ``bn1`` on the
+residual stream or DenseNet's BN on a concatenation) into one when it drops some of the BN's
+output channels but must keep its input: the network-slimming reference repo's
+``channel_selection`` layer, folded into the BN so the dropped channels are never normalised.
+They are BatchNorm subclasses (``isinstance(m, nn.BatchNorm2d)`` holds, ``sparse_bn_step`` finds
+them) with the same state_dict keys plus ``selected_index``, and script, trace and export.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class _SelectInput:
+    """forward() of a BatchNorm over input.index_select(1, selected_index).
+
+    Written out rather than calling super().forward so that TorchScript can compile it; the
+    running-statistics logic is nn.BatchNorm's (momentum, momentum=None cumulative average,
+    track_running_stats, eval mode).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input.index_select(1, self.selected_index)
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, selects {len(self.selected_index)} input channels"
+
+
+class SelectedBatchNorm1d(_SelectInput, nn.BatchNorm1d):
+    selected_index: Tensor
+
+
+class SelectedBatchNorm2d(_SelectInput, nn.BatchNorm2d):
+    selected_index: Tensor
+
+
+class SelectedBatchNorm3d(_SelectInput, nn.BatchNorm3d):
+    selected_index: Tensor
+
+
+SELECTED_BATCHNORM = {
+    nn.BatchNorm1d: SelectedBatchNorm1d,
+    nn.BatchNorm2d: SelectedBatchNorm2d,
+    nn.BatchNorm3d: SelectedBatchNorm3d,
+}
+PLAIN_BATCHNORM = {v: k for k, v in SELECTED_BATCHNORM.items()}
+
+
+def set_input_selection(bn, selected_index):
+    """Makes ``bn`` select ``selected_index`` of its input channels (None: read all of them), in
+    place: the module object, its parameters and hooks stay the same."""
+    base = PLAIN_BATCHNORM.get(type(bn), type(bn))
+    if selected_index is None:
+        if type(bn) in PLAIN_BATCHNORM:
+            del bn._buffers["selected_index"]
+            bn.__class__ = base
+        return bn
+    if base not in SELECTED_BATCHNORM:
+        raise TypeError(f"{type(bn).__name__} cannot select input channels (only BatchNorm1d/2d/3d can)")
+    bn.__class__ = SELECTED_BATCHNORM[base]
+    bn.register_buffer("selected_index", selected_index.to(device=bn.weight.device, dtype=torch.long))
+    return bn

@@ -1,0 +1,478 @@
+"""Structured channel pruning: ``slimcore.prune`` and ``PruneReport``, ``save_pruned`` / ``load_pruned``.
+
+How a prune works: graph.py finds the classes of channels that must go together; criteria.py
+scores them; this module decides which classes go (a global threshold or per layer, then
+``min_channels`` and ``round_to`` per layer), then rebuilds every affected module in place with
+the ``channel_gather_`` kernel: weights, biases, BN parameters and buffers, gradients and the
+optimizer's state are compacted in their own storage, and Parameter objects keep their identity.
+
+The contract, checked by the tests: the pruned model computes exactly what the dense model
+computes when the channels listed in ``PruneReport.removed`` are zeroed at the outputs of the
+listed modules.
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from .criteria import CRITERIA, atom_scores
+from .graph import analyze
+from .nn import set_input_selection
+from .profile import _as_tuple, count_params
+
+SCOPES = ("global", "layer")
+
+
+@dataclass
+class PruneReport:
+    """What a prune did (or, with ``dry_run=True``, would do).
+
+    ``flops_*`` are multiply-accumulates per sample of conv and linear layers (slimcore.profile's
+    convention); ``channels`` maps every conv, linear and BN to its (before, after) output channel
+    count; ``removed`` maps every module whose output channels shrank to the removed indices, in
+    that module's original numbering.
+    """
+
+    ratio: float
+    criterion: str
+    scope: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    channels: dict
+    removed: dict
+    threshold: float = None
+    notes: list = field(default_factory=list)
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def channels_removed(self):
+        return sum(len(v) for v in self.removed.values())
+
+    def __str__(self):
+        p = 100 * (1 - self.params_after / max(self.params_before, 1))
+        f = 100 * (1 - self.flops_after / max(self.flops_before, 1))
+        lines = [
+            f"slimcore.prune{' (dry run)' if self.dry_run else ''}: criterion={self.criterion} scope={self.scope} "
+            f"ratio={self.ratio} in {self.seconds:.3f} s",
+            f"  params {self.params_before:,} -> {self.params_after:,} (-{p:.1f}%)",
+            f"  FLOPs  {self.flops_before:,} -> {self.flops_after:,} (-{f:.1f}%)",
+        ]
+        shrunk = [(n, b, a) for n, (b, a) in self.channels.items() if a != b]
+        lines.append(f"  {len(shrunk)} of {len(self.channels)} layers narrowed")
+        for n, b, a in shrunk[:40]:
+            lines.append(f"    {n:<40} {b:>6} -> {a}")
+        if len(shrunk) > 40:
+            lines.append(f"    ... {len(shrunk) - 40} more")
+        lines += [f"  note: {n}" for n in self.notes[:10]]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- decision
+
+
+def _check_args(ratio, criterion, scope, round_to, min_channels):
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"slimcore.prune: ratio must be a number in [0, 1), got {ratio!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"slimcore.prune: unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    if scope not in SCOPES:
+        raise ValueError(f"slimcore.prune: scope must be one of {SCOPES}, got {scope!r}")
+    if not (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
+        raise ValueError(f"slimcore.prune: round_to must be an integer >= 1, got {round_to!r}")
+    if not (isinstance(min_channels, int) and not isinstance(min_channels, bool) and min_channels >= 1):
+        raise ValueError(f"slimcore.prune: min_channels must be an integer >= 1, got {min_channels!r}")
+
+
+class _Classes:
+    """Per-class arrays derived from the graph: class index of each atom, score, frozen, layer."""
+
+    def __init__(self, graph, scores):
+        self.graph = graph
+        roots = graph.classes()
+        _, self.of_atom = np.unique(roots, return_inverse=True)
+        n = self.of_atom.max() + 1 if len(roots) else 0
+        self.n = n
+        self.frozen = np.zeros(n, dtype=bool)
+        np.logical_or.at(self.frozen, self.of_atom, np.asarray(graph.frozen, dtype=bool))
+        self.score = np.full(n, np.nan)
+        np.fmax.at(self.score, self.of_atom, scores)
+        self.size = np.bincount(self.of_atom, minlength=n)
+        # Selection atoms and their parents (a selection channel must go when its input goes).
+        sel = np.fromiter(graph.selection_parent.keys(), dtype=np.int64, count=len(graph.selection_parent))
+        par = np.fromiter(graph.selection_parent.values(), dtype=np.int64, count=len(graph.selection_parent))
+        self.sel_class, self.parent_class = self.of_atom[sel], self.of_atom[par]
+        self.is_selection = np.zeros(n, dtype=bool)
+        self.is_selection[self.sel_class] = True
+        # A selection channel that must stay needs its input channel: freeze parents of frozen ones.
+        changed = True
+        while changed:
+            need = self.frozen[self.sel_class] & ~self.frozen[self.parent_class]
+            changed = bool(need.any())
+            self.frozen[self.parent_class[need]] = True
+        # Layer of a class: the set of modules owning its atoms; multiplicity = atoms per module.
+        owners = graph.owner
+        order = np.argsort(self.of_atom, kind="stable")
+        bounds = np.searchsorted(self.of_atom[order], np.arange(n + 1))
+        self.layer = []
+        self.multiplicity = np.ones(n, dtype=np.int64)
+        for c in range(n):
+            members = [owners[a] for a in order[bounds[c]:bounds[c + 1]].tolist()]
+            names = sorted({m for m in members if m is not None})
+            self.layer.append(tuple(names))
+            if names:
+                self.multiplicity[c] = max(members.count(m) for m in names)
+        self.candidate = ~self.frozen & np.isfinite(self.score)
+
+    def layers(self, mask):
+        """{layer: array of class ids} for classes in mask."""
+        groups = {}
+        for c in np.nonzero(mask)[0].tolist():
+            groups.setdefault(self.layer[c], []).append(c)
+        return {k: np.asarray(v) for k, v in groups.items()}
+
+
+def _global_threshold(classes, ratio):
+    """The score below which candidate classes go: a percentile of class scores, each class
+    weighted by the channels it holds, so ``ratio`` is the share of prunable channels removed.
+    For a plain conv-BN chain under bn_scale this is the paper's percentile of |gamma|."""
+    idx = np.nonzero(classes.candidate)[0]
+    order = np.argsort(classes.score[idx], kind="stable")
+    values = classes.score[idx][order]
+    weights = classes.size[idx][order].astype(np.float64)
+    if len(values) == 0:
+        return math.inf
+    k = int(np.searchsorted(np.cumsum(weights), ratio * weights.sum(), side="right"))
+    return float(values[k]) if k < len(values) else math.inf
+
+
+def _round_up(k, multiplicity, round_to, n):
+    step = round_to // math.gcd(round_to, int(multiplicity))
+    return min(n, -(-k // step) * step)
+
+
+def _restore(classes, removed, groups, round_to, min_channels, allowed):
+    """Per layer: put back the best removed classes until min_channels and round_to hold."""
+    for layer, members in groups.items():
+        m = int(classes.multiplicity[members[0]])
+        n = len(members)
+        kept = int((~removed[members]).sum())
+        need = max(kept, min(n, -(-min_channels // m)))
+        need = _round_up(need, m, round_to, n)
+        if need <= kept:
+            continue
+        back = members[removed[members] & allowed[members]]
+        back = back[np.argsort(-classes.score[back], kind="stable")][: need - kept]
+        removed[back] = False
+
+
+def decide(classes, ratio, scope, round_to, min_channels):
+    """Boolean array: class removed. Returns (removed, threshold)."""
+    removed = np.zeros(classes.n, dtype=bool)
+    threshold = None
+    if scope == "global":
+        threshold = _global_threshold(classes, ratio)
+        removed = classes.candidate & (classes.score < threshold)
+    else:
+        for members in classes.layers(classes.candidate).values():
+            k = int(math.floor(ratio * len(members)))
+            order = members[np.argsort(classes.score[members], kind="stable")]
+            removed[order[:k]] = True
+    base = ~classes.is_selection
+    _restore(classes, removed, classes.layers(base), round_to, min_channels, classes.candidate)
+    # A selection channel goes when its input channel goes (to a fixed point: selections can chain).
+    forced = np.zeros(classes.n, dtype=bool)
+    while True:
+        newly = removed[classes.parent_class] & ~removed[classes.sel_class]
+        if not newly.any():
+            break
+        removed[classes.sel_class[newly]] = True
+        forced[classes.sel_class[newly]] = True
+    _restore(classes, removed, classes.layers(classes.is_selection), round_to, min_channels, classes.candidate & ~forced)
+    return removed, threshold
+
+
+# ---------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class ModulePlan:
+    name: str
+    module: nn.Module
+    kind: str
+    out_keep: np.ndarray  # kept output channels (original numbering)
+    in_keep: np.ndarray  # kept input channels (local within a group for grouped convs)
+    selection: np.ndarray = None  # selection BN: input channel of each kept output, after pruning
+    current_selection: np.ndarray = None  # selection BN: input channel of each output, now
+    n_out: int = 0
+    n_in: int = 0
+
+
+def _plans(graph, kept_atom):
+    plans = []
+    for mc in graph.modules.values():
+        out_mask, in_mask = kept_atom[mc.out_atoms], kept_atom[mc.in_atoms]
+        plan = ModulePlan(mc.name, mc.module, mc.kind, np.nonzero(out_mask)[0], np.nonzero(in_mask)[0],
+                          n_out=len(out_mask), n_in=len(in_mask))
+        if mc.kind == "grouped_conv":
+            local = in_mask.reshape(mc.module.groups, -1)
+            assert (local == local[0]).all(), f"grouped conv '{mc.name}': groups disagree"
+            plan.in_keep = np.nonzero(local[0])[0]
+            plan.n_in = local.shape[1]
+        elif mc.kind == "selection_bn":
+            # Position of each kept output channel's input channel within the pruned input tensor.
+            plan.current_selection = _source_positions(mc)
+            in_pos = np.cumsum(in_mask) - 1
+            plan.selection = in_pos[plan.current_selection[plan.out_keep]]
+        plans.append(plan)
+    return plans
+
+
+def _source_positions(mc):
+    """For each BN output channel, the index of the input channel it normalises."""
+    selected = getattr(mc.module, "selected_index", None)
+    if selected is not None:
+        return selected.cpu().numpy()
+    return np.arange(len(mc.out_atoms))
+
+
+def _changes(plan):
+    return len(plan.out_keep) != plan.n_out or len(plan.in_keep) != plan.n_in or (
+        plan.selection is not None and not np.array_equal(plan.selection, plan.current_selection))
+
+
+def _new_counts(plan):
+    """(params, MAC factor) of the module after the plan."""
+    m = plan.module
+    o, i = len(plan.out_keep), len(plan.in_keep)
+    bias = m.bias.numel() // max(plan.n_out, 1) * o if getattr(m, "bias", None) is not None else 0
+    if plan.kind in ("conv", "grouped_conv"):
+        k = math.prod(m.kernel_size)
+        return o * i * k + bias, (o / plan.n_out) * (i / plan.n_in)
+    if plan.kind == "depthwise_conv":
+        k = math.prod(m.kernel_size)
+        return o * k * (m.weight.shape[1]) + bias, o / plan.n_out
+    if plan.kind == "linear":
+        return o * i + bias, (o / plan.n_out) * (i / plan.n_in)
+    if plan.kind in ("bn", "selection_bn"):
+        return (2 * o if m.affine else 0), 1.0
+    if plan.kind == "prelu":
+        return o, 1.0
+    raise AssertionError(plan.kind)
+
+
+def _own_params(m):
+    return sum(p.numel() for p in m.parameters(recurse=False))
+
+
+# ---------------------------------------------------------------------------------------- applying
+
+
+def _index(idx, n, device):
+    if len(idx) == n:
+        return None
+    return torch.as_tensor(idx, dtype=torch.long, device=device)
+
+
+def _gather_tensor(t, out_idx, in_idx):
+    return ops.channel_gather_(t, out_idx, in_idx)
+
+
+def _gather_param(module, name, out_idx, in_idx, optimizer):
+    p = getattr(module, name, None)
+    if p is None or (out_idx is None and in_idx is None):
+        return
+    old_shape = p.shape
+    if isinstance(p, nn.Parameter):
+        if p.grad is not None:
+            _gather_tensor(p.grad, out_idx, in_idx)
+        if optimizer is not None:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == old_shape:
+                    _gather_tensor(value, out_idx, in_idx)
+        data = p.data
+        p.data = _gather_tensor(data, out_idx, in_idx)
+    else:
+        _gather_tensor(p, out_idx, in_idx)
+
+
+def _apply(plan, optimizer):
+    m = plan.module
+    dev = m.weight.device if getattr(m, "weight", None) is not None else next(
+        (b.device for b in m.buffers()), torch.device("cpu"))
+    out_idx = _index(plan.out_keep, plan.n_out, dev)
+    in_idx = _index(plan.in_keep, plan.n_in, dev)
+    if plan.kind in ("conv", "grouped_conv"):
+        _gather_param(m, "weight", out_idx, in_idx, optimizer)
+        _gather_param(m, "bias", out_idx, None, optimizer)
+        m.out_channels = len(plan.out_keep)
+        m.in_channels = len(plan.in_keep) * m.groups
+    elif plan.kind == "depthwise_conv":
+        _gather_param(m, "weight", out_idx, None, optimizer)
+        _gather_param(m, "bias", out_idx, None, optimizer)
+        m.out_channels = m.in_channels = m.groups = len(plan.out_keep)
+    elif plan.kind == "linear":
+        _gather_param(m, "weight", out_idx, in_idx, optimizer)
+        _gather_param(m, "bias", out_idx, None, optimizer)
+        m.out_features, m.in_features = len(plan.out_keep), len(plan.in_keep)
+    elif plan.kind in ("bn", "selection_bn"):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _gather_param(m, name, out_idx, None, optimizer)
+        m.num_features = len(plan.out_keep)
+        if plan.kind == "selection_bn":
+            identity = np.array_equal(plan.selection, np.arange(len(plan.in_keep)))
+            set_input_selection(m, None if identity else torch.as_tensor(plan.selection))
+    elif plan.kind == "prelu":
+        _gather_param(m, "weight", out_idx, None, optimizer)
+        m.num_parameters = len(plan.out_keep)
+
+
+def _module_names(model, items):
+    by_id = {id(m): n for n, m in model.named_modules()}
+    names = set()
+    for item in items:
+        if isinstance(item, str):
+            try:
+                model.get_submodule(item)
+            except AttributeError:
+                raise ValueError(f"slimcore.prune: ignore names '{item}', which is not a submodule") from None
+            names.add(item)
+        elif isinstance(item, nn.Module) and id(item) in by_id:
+            names.add(by_id[id(item)])
+        else:
+            raise ValueError(f"slimcore.prune: ignore entries must be submodules or their names, got {item!r}")
+    return names
+
+
+def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
+          ignore=(), optimizer=None, *, dry_run=False, history=None, seed=0, leaf_modules=()):
+    """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
+
+    Args:
+        model: any model torch.fx can trace (see ``leaf_modules``).
+        example_inputs: a tensor or a tuple of positional inputs, used once for shapes.
+        ratio: share of prunable channels to remove, in [0, 1). Each produced (conv/linear
+            output) or selected (selection BN output) channel counts once; coupled channels go
+            together, scored by the max of their members' scores (slimcore.criteria).
+        criterion: "bn_scale" (network slimming), "l1_filter", "cfp", "hbfp" (needs ``history``),
+            "random"; see slimcore.criteria.
+        scope: "global" (one threshold over all prunable channels: for bn_scale on conv-BN
+            chains, the paper's percentile of |gamma|) or "layer" (each layer loses ``ratio``
+            of its channels).
+        round_to: keep channel counts multiples of this (by keeping more, never fewer).
+        min_channels: no layer keeps fewer channels than this.
+        ignore: modules (or names) whose channels stay as they are. The model's outputs (e.g.
+            the classifier's logits) always stay.
+        optimizer: its state (momentum, Adam moments) is compacted along with the parameters,
+            which keep their identity, so training can continue.
+        dry_run: only compute the report.
+        history: a ``slimcore.FilterHistory`` for criterion "hbfp".
+        seed: for criterion "random".
+        leaf_modules: submodules or classes torch.fx must not trace into; their channels stay.
+    """
+    start = time.perf_counter()
+    _check_args(ratio, criterion, scope, round_to, min_channels)
+    inputs = _as_tuple(example_inputs)
+    graph = analyze(model, inputs, ignore=_module_names(model, ignore), leaf_modules=leaf_modules)
+    scores = atom_scores(graph, criterion, history=history, seed=seed)
+    classes = _Classes(graph, scores)
+    removed, threshold = decide(classes, ratio, scope, round_to, min_channels)
+    kept_atom = ~removed[classes.of_atom]
+    plans = _plans(graph, kept_atom)
+
+    params_before = count_params(model)
+    flops_before = sum(graph.macs.values())
+    params_after, flops_after = params_before, flops_before
+    channels, removed_idx = {}, {}
+    for plan in plans:
+        if plan.kind == "prelu":
+            continue
+        channels[plan.name] = (plan.n_out, len(plan.out_keep))
+        if not _changes(plan):
+            continue
+        new_params, mac_factor = _new_counts(plan)
+        params_after += new_params - _own_params(plan.module)
+        macs = graph.macs.get(plan.name, 0)
+        flops_after += round(macs * mac_factor) - macs
+        if len(plan.out_keep) < plan.n_out:
+            removed_idx[plan.name] = np.setdiff1d(np.arange(plan.n_out), plan.out_keep).tolist()
+
+    if not dry_run:
+        with torch.no_grad():
+            for plan in plans:
+                if _changes(plan):
+                    _apply(plan, optimizer)
+    notes = list(graph.notes)
+    unscored = int((~classes.frozen & ~np.isfinite(classes.score)).sum())
+    if unscored:
+        notes.append(f"{unscored} channel groups have no {criterion} score (e.g. no BatchNorm reads them) and stay")
+    return PruneReport(
+        ratio=ratio, criterion=criterion, scope=scope, params_before=params_before, params_after=params_after,
+        flops_before=flops_before, flops_after=flops_after, channels=channels, removed=removed_idx,
+        threshold=threshold, notes=notes, seconds=time.perf_counter() - start, dry_run=dry_run,
+    )
+
+
+# ---------------------------------------------------------------------------------------- save / load
+
+_SHAPED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
+_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "num_parameters")
+
+
+def channel_config(model):
+    """{module name: its channel attributes} for every conv, linear, BN and PReLU."""
+    config = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _SHAPED):
+            entry = {a: int(getattr(m, a)) for a in _ATTRS if hasattr(m, a)}
+            entry["selected"] = "selected_index" in m._buffers
+            config[name] = entry
+    return config
+
+
+def save_pruned(model, path):
+    """Writes the model's state_dict and channel configuration to ``path`` (atomically), to be
+    rebuilt with :func:`load_pruned` from the dense architecture."""
+    from ._io import atomic_save
+
+    atomic_save({"format": "slimcore.pruned/1", "config": channel_config(model), "state_dict": model.state_dict()},
+                path)
+
+
+def load_pruned(path, build_fn, map_location="cpu"):
+    """Rebuilds a pruned model: ``build_fn()`` makes the dense architecture, which is reshaped to
+    the saved channel configuration and loaded (``weights_only=True``, strict)."""
+    from ._io import safe_load
+
+    ckpt = safe_load(path, map_location=map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "slimcore.pruned/1":
+        raise ValueError(f"{path} is not a slimcore pruned checkpoint (written by slimcore.save_pruned)")
+    model = build_fn()
+    state = ckpt["state_dict"]
+    for name, entry in ckpt["config"].items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: module '{name}' does not exist in the model build_fn() returned") from None
+        if entry.get("selected"):
+            set_input_selection(m, state[f"{name}.selected_index"])
+        for a in _ATTRS:
+            if a in entry:
+                setattr(m, a, entry[a])
+        prefix = f"{name}." if name else ""
+        with torch.no_grad():
+            for pname, p in list(m.named_parameters(recurse=False)):
+                p.data = torch.empty_like(p, memory_format=torch.contiguous_format).resize_(state[prefix + pname].shape)
+            for bname, b in list(m.named_buffers(recurse=False)):
+                if b is not None and prefix + bname in state:
+                    m._buffers[bname] = torch.empty(state[prefix + bname].shape, dtype=b.dtype, device=b.device)
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,249 @@
+"""slimcore.prune (slimcore/prune.py, graph.py, criteria.py): the pruned model must compute exactly
+what the dense model computes with report.removed channels zeroed at the listed modules' outputs,
+and its params/FLOPs must be what the report says."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from helpers import assert_same_function, randomize_batchnorms, zero_removed
+from torch import nn
+
+import slimcore
+import slimcore.models as seed_models
+
+TORCHVISION = ["resnet18", "resnet50", "vgg16_bn", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
+               "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d"]
+SEEDS = [("vgg16", 32, 3), ("vgg19", 32, 3), ("preresnet56", 32, 3), ("preresnet164", 32, 3), ("densenet40", 32, 3),
+         ("lenet5", 28, 1), ("mlp", 28, 1)]
+
+
+def build_torchvision(name):
+    torch.manual_seed(0)
+    return randomize_batchnorms(getattr(torchvision.models, name)(num_classes=10)).eval(), torch.randn(2, 3, 64, 64)
+
+
+def build_seed(name, size, channels):
+    torch.manual_seed(0)
+    kwargs = {"input_size": size} if name in ("lenet5", "mlp") else {}
+    model = seed_models.build(name, num_classes=10, in_channels=channels, **kwargs)
+    return randomize_batchnorms(model).eval(), torch.randn(2, channels, size, size)
+
+
+def check_prune(model, x, **kwargs):
+    dense = copy.deepcopy(model)
+    report = slimcore.prune(model, x, **kwargs)
+    zero_removed(dense, report.removed)
+    assert_same_function(model, dense, x)
+    flops, params = slimcore.profile(model, x)
+    assert (flops, params) == (report.flops_after, report.params_after)
+    assert (report.flops_before, report.params_before) == slimcore.profile(dense, x)
+    for name, (before, after) in report.channels.items():
+        m = model.get_submodule(name)
+        assert after == (m.out_features if isinstance(m, nn.Linear) else getattr(m, "out_channels", None) or m.num_features)
+        assert before - after == len(report.removed.get(name, []))
+    return report
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_prune_exactly(name, ratio):
+    model, x = build_torchvision(name)
+    report = check_prune(model, x, ratio=ratio)
+    assert report.params_after < report.params_before and report.flops_after < report.flops_before
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+@pytest.mark.parametrize("name,size,channels", SEEDS)
+def test_seed_models_prune_exactly(name, size, channels, ratio):
+    model, x = build_seed(name, size, channels)
+    report = check_prune(model, x, ratio=ratio)
+    assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("criterion", ["l1_filter", "cfp", "random"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
+def test_other_criteria_prune_exactly(name, criterion):
+    model, x = build_torchvision(name)
+    check_prune(model, x, ratio=0.5, criterion=criterion)
+
+
+def test_layer_scope_removes_ratio_of_every_layer():
+    model, x = build_seed("vgg16", 32, 3)
+    report = check_prune(model, x, ratio=0.5, scope="layer")
+    for name, (before, after) in report.channels.items():
+        if name.startswith("features"):
+            assert after == before - before // 2, name
+
+
+def test_global_bn_scale_is_the_papers_percentile_on_a_plain_chain():
+    model, x = build_seed("vgg19", 32, 3)
+    gammas = torch.cat([m.weight.detach().abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
+    report = slimcore.prune(model, x, ratio=0.4)
+    expected = int((gammas < torch.sort(gammas).values[int(0.4 * len(gammas))]).sum())
+    assert report.channels_removed - len(report.removed.get("classifier", [])) == expected
+
+
+@pytest.mark.parametrize("round_to", [8, 32])
+def test_round_to_and_min_channels(round_to):
+    model, x = build_torchvision("resnet18")
+    with torch.no_grad():  # make one layer almost dead: min_channels must keep it alive
+        model.layer1[0].bn1.weight.mul_(1e-6)
+    report = check_prune(model, x, ratio=0.6, round_to=round_to, min_channels=round_to)
+    for name, (before, after) in report.channels.items():
+        assert after == before or (after % round_to == 0 and after >= round_to), (name, before, after)
+    assert report.channels["layer1.0.conv1"][1] >= round_to
+
+
+def test_dry_run_reports_without_touching_the_model():
+    model, x = build_torchvision("densenet121")
+    before = copy.deepcopy(model.state_dict())
+    dry = slimcore.prune(model, x, ratio=0.5, dry_run=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    real = slimcore.prune(model, x, ratio=0.5)
+    assert (dry.params_after, dry.flops_after, dry.removed) == (real.params_after, real.flops_after, real.removed)
+
+
+def test_ignore_keeps_modules_untouched():
+    model, x = build_torchvision("resnet18")
+    report = check_prune(model, x, ratio=0.5, ignore=["layer1.0.conv1", model.layer2[0].conv2])
+    assert "layer1.0.conv1" not in report.removed and "layer2.0.conv2" not in report.removed
+    assert model.layer1[0].conv1.out_channels == 64
+
+
+def test_multi_pass_pruning_of_selection_batchnorms():
+    model, x = build_seed("densenet40", 32, 3)
+    check_prune(model, x, ratio=0.4)
+    assert any(isinstance(m, slimcore.nn.SelectedBatchNorm2d) for m in model.modules())
+    report = check_prune(model, x, ratio=0.3)  # prune the pruned model again
+    assert report.channels_removed > 0
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_optimizer_state_follows_the_pruned_parameters(opt_name):
+    torch.manual_seed(0)
+    model, x = build_seed("preresnet56", 32, 3)
+    model.train()
+    y = torch.randint(0, 10, (2,))
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
+            "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}[opt_name]
+    opt = make(model.parameters())
+
+    def step(m, o):
+        o.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+
+    step(model, opt)  # fill momentum / moments
+    dense = copy.deepcopy(model)
+    dense_opt = make(dense.parameters())
+    dense_opt.load_state_dict(opt.state_dict())
+    ids = [id(p) for p in model.parameters()]
+    report = slimcore.prune(model.eval(), x, ratio=0.5, optimizer=opt)
+    assert [id(p) for p in model.parameters()] == ids, "Parameters must keep their identity"
+    zero_removed(dense, report.removed)
+    model.train(), dense.train()
+    step(model, opt)
+    step(dense, dense_opt)
+    assert_same_function(model.eval(), dense.eval(), x, rtol=1e-4)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, x = build_seed("preresnet164", 32, 3)
+    slimcore.prune(model, x, ratio=0.6)
+    path = tmp_path / "pruned.pt"
+    slimcore.save_pruned(model, path)
+    loaded = slimcore.load_pruned(path, lambda: seed_models.build("preresnet164", num_classes=10)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="not a slimcore pruned checkpoint"):
+        torch.save({"x": 1}, tmp_path / "other.pt")
+        slimcore.load_pruned(tmp_path / "other.pt", lambda: seed_models.build("preresnet164"))
+
+
+def test_pruned_model_scripts_traces_and_exports():
+    model, x = build_seed("densenet40", 32, 3)
+    slimcore.prune(model, x, ratio=0.5)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), want)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), want)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), want)
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), want)
+
+
+def test_untraceable_model_gets_a_clear_error():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = DataDependent()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.block(x).mean((2, 3)))
+
+    model = Wrapper()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(slimcore.TraceFailure, match=r"while tracing submodule 'block'.*leaf_modules"):
+        slimcore.prune(model, x)
+    report = slimcore.prune(model, x, leaf_modules=[model.block])  # opaque leaf: its channels stay
+    assert report.removed == {}
+
+
+def test_bad_arguments():
+    model, x = build_seed("lenet5", 28, 1)
+    for kwargs, match in [(dict(ratio=1.0), "ratio must be"), (dict(ratio=-0.1), "ratio must be"),
+                          (dict(criterion="taylor"), "unknown criterion"), (dict(scope="net"), "scope must be"),
+                          (dict(round_to=0), "round_to must be"), (dict(min_channels=0), "min_channels must be"),
+                          (dict(ignore=["nope"]), "not a submodule"), (dict(criterion="hbfp"), "needs history")]:
+        with pytest.raises(ValueError, match=match):
+            slimcore.prune(model, x, **kwargs)
+
+
+def test_hbfp_with_a_recorded_history():
+    model, x = build_seed("lenet5", 28, 1)
+    history = slimcore.FilterHistory(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    y = torch.randint(0, 10, (2,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model.train()(x), y).backward()
+        opt.step()
+        history.record()
+    check_prune(model.eval(), x, ratio=0.5, criterion="hbfp", history=history)
+
+
+def test_frozen_reasons_are_reported():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.bn = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 8, 3)
+            self.bn2 = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x)).permute(0, 1, 3, 2)  # unknown to the pruner: freezes bn's channels
+            z = torch.sigmoid(self.bn2(self.conv2(y)))  # f(0) != 0 before the head: freezes bn2's
+            return self.fc(z.mean((2, 3)))
+
+    model = randomize_batchnorms(Odd()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    report = slimcore.prune(model, x, ratio=0.9)
+    assert report.removed == {}
+    text = " | ".join(report.notes)
+    assert "permute" in text and "not zero when removed" in text
