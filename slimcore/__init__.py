@@ -5,14 +5,20 @@ The public API, re-exported; see README.md for the architecture.
 
 __version__ = "0.1.0"
 
-from . import penalties, reference
+from . import models, nn, penalties, reference
 from ._ext import build_info
+from .criteria import FilterHistory, magnitude_prune
+from .graph import TraceFailure
 from .penalties import L1, L2, MCP, SCAD, TL1, Lp, LpNorm
+from .profile import profile
+from .prune import PruneReport, load_pruned, prune, save_pruned
 from .step import SparseBNStep, bn_weights, sparse_bn_step, sparsity_loss
 
 __all__ = [
     "__version__",
     "build_info",
+    "models",
+    "nn",
     "penalties",
     "reference",
     "L1",
@@ -26,4 +32,12 @@ __all__ = [
     "bn_weights",
     "sparse_bn_step",
     "sparsity_loss",
+    "prune",
+    "PruneReport",
+    "save_pruned",
+    "load_pruned",
+    "profile",
+    "magnitude_prune",
+    "FilterHistory",
+    "TraceFailure",
 ]

@@ -177,6 +177,7 @@ class _Tracer(torch.fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
         self.stack = []
+        self.failed_in = None  # innermost submodule being traced when tracing failed
 
     def is_leaf_module(self, m, qualname):
         if isinstance(m, tuple(PLAIN_BATCHNORM)) or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
@@ -187,6 +188,10 @@ class _Tracer(torch.fx.Tracer):
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
         finally:
             self.stack.pop()
 
@@ -197,7 +202,7 @@ def trace(model, example_inputs, leaf_modules=()):
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean the same thing to the user
-        where = f" while tracing submodule '{tracer.stack[-1]}'" if tracer.stack and tracer.stack[-1] else ""
+        where = f" while tracing submodule '{tracer.failed_in}'" if tracer.failed_in else ""
         raise TraceFailure(
             f"slimcore could not trace {type(model).__name__} with torch.fx{where}: {type(exc).__name__}: {exc}\n"
             "Pass that submodule (or its class) in leaf_modules=[...] to treat it as an opaque leaf: its input "

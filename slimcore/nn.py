@@ -24,8 +24,9 @@ class _SelectInput:
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        # No _check_input_dim: it branches on x.dim(), which torch.fx cannot trace through (this
+        # class is not an nn leaf); F.batch_norm still rejects inputs without a channel dimension.
         x = input.index_select(1, self.selected_index)
-        self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

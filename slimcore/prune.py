@@ -372,7 +372,8 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         ignore: modules (or names) whose channels stay as they are. The model's outputs (e.g.
             the classifier's logits) always stay.
         optimizer: its state (momentum, Adam moments) is compacted along with the parameters,
-            which keep their identity, so training can continue.
+            which keep their identity, so training can continue. Compaction is in place: any
+            other reference to those state tensors (e.g. an un-copied ``state_dict()``) shrinks too.
         dry_run: only compute the report.
         history: a ``slimcore.FilterHistory`` for criterion "hbfp".
         seed: for criterion "random".
