@@ -97,6 +97,13 @@ def nvidia_wheel_include_dirs():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def openmp_available():
+    """torch's CPU ops run on OpenMP (Linux wheels) and GCC is the host compiler."""
+    import torch
+
+    return torch.backends.openmp.is_available() and sys.platform.startswith("linux")
+
+
 def write_build_config(build_cuda, arch_list):
     import torch
 
@@ -118,10 +125,17 @@ def extension():
 
     log(("building CUDA kernels: " if build_cuda else "CPU kernels only: ") + reason)
     sources = ["csrc/ops.cpp", "csrc/penalty_args.cpp", "csrc/python_module.cpp"]
+    sources += ["csrc/channel_gather_args.cpp", "csrc/channel_gather_autograd.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets GCC if-convert the NaN-propagating selects and vectorise the loops.
     cxx_flags = ["-O3", "-fno-trapping-math", "-DPy_LIMITED_API=0x030A0000"]
-    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
+    link_flags = []
+    if openmp_available():
+        # at::parallel_for is a header template: compiled without OpenMP it runs every range on the
+        # calling thread. At run time the calls go to torch's own libgomp (same soname).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags, py_limited_api=True)
     write_build_config(build_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if not build_cuda:
         return CppExtension("slimcore._C", sources, **kwargs)

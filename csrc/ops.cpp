@@ -10,6 +10,9 @@
 //   "scad" SCAD with lambda = knee and shape a > 2
 //   "mcp"  MCP with lambda = knee and gamma = a > 1
 // `scale` holds one multiplier for all tensors or one per tensor.
+//
+// The channel gather ops prune a weight: None keeps that dimension whole; indices are int64 1-D on
+// the weight's device (csrc/channel_gather_args.h states every rule).
 #include <torch/library.h>
 
 TORCH_LIBRARY(slimcore, m) {
@@ -25,4 +28,8 @@ TORCH_LIBRARY(slimcore, m) {
   m.def(
       "penalty_value(Tensor[] weights, str penalty, float[] scale, "
       "float p, float a, float knee, float eps) -> Tensor");
+  // weight.index_select(0, out_index).index_select(1, in_index) in one pass, as a new contiguous tensor
+  m.def("channel_gather(Tensor weight, Tensor? out_index, Tensor? in_index) -> Tensor");
+  // the same in place (strictly increasing indices): kept values move to the front, weight is resized
+  m.def("channel_gather_(Tensor(a!) weight, Tensor? out_index, Tensor? in_index) -> Tensor(a!)");
 }

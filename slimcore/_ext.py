@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-_OPS = ("penalty_subgradient_", "penalty_prox_", "penalty_value")
+_OPS = ("penalty_subgradient_", "penalty_prox_", "penalty_value", "channel_gather", "channel_gather_")
 _FIX = (
     "Falling back to slimcore's pure-PyTorch reference ops (same results, slower). "
     "Fix: rebuild slimcore against the installed torch, from its source directory: "

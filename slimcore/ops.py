@@ -1,6 +1,7 @@
 """Thin wrappers over ``torch.ops.slimcore.*``: fake (meta) kernels for torch.compile, the autograd
-formula of ``penalty_value``, and the fallback to slimcore.reference when the extension is not
-loaded. Empty tensor lists are handled here (the dispatcher cannot pick a backend without a tensor).
+formula of ``penalty_value`` (``channel_gather``'s is in C++: csrc/channel_gather_autograd.cpp), and
+the fallback to slimcore.reference when the extension is not loaded. Empty tensor lists are handled
+here (the dispatcher cannot pick a backend without a tensor).
 """
 
 import torch
@@ -36,6 +37,30 @@ def penalty_value(weights, penalty, scale, p=0.0, a=0.0, knee=0.0, eps=0.0):
     return reference.penalty_value(weights, penalty, scale, p, a, knee, eps)
 
 
+def channel_gather(weight, out_index=None, in_index=None):
+    """weight.index_select(0, out_index).index_select(1, in_index) in one pass, as a new contiguous tensor.
+
+    None keeps that dimension whole; indices are int64 1-D tensors on weight's device, in any order,
+    duplicates allowed. Works for any dtype and for 1-D (bias, BatchNorm: out_index only), Linear and
+    conv weights. Differentiable in weight.
+    """
+    if LOADED:
+        return torch.ops.slimcore.channel_gather.default(weight, out_index, in_index)
+    return reference.channel_gather(weight, out_index, in_index)
+
+
+def channel_gather_(weight, out_index=None, in_index=None):
+    """The same gather in place: the kept values move to the front of weight's storage, weight is
+    resized to the gathered shape and returned (same tensor, same storage, no second copy).
+
+    Indices must be strictly increasing; weight must be contiguous. Not differentiable (it resizes
+    its input): call it on ``param.data`` and then assign ``param.data = result``.
+    """
+    if LOADED:
+        return torch.ops.slimcore.channel_gather_.default(weight, out_index, in_index)
+    return reference.channel_gather_(weight, out_index, in_index)
+
+
 if LOADED:
 
     @torch.library.register_fake("slimcore::penalty_subgradient_")
@@ -67,3 +92,20 @@ if LOADED:
     torch.library.register_autograd(
         "slimcore::penalty_value", _penalty_value_backward, setup_context=_penalty_value_setup_context
     )
+
+    @torch.library.register_fake("slimcore::channel_gather")
+    def _channel_gather_fake(weight, out_index, in_index):
+        reference.check_gather("channel_gather", weight, out_index, in_index, False, check_values=False)
+        return weight.new_empty(reference.gathered_shape(weight, out_index, in_index))
+
+    @torch.library.register_fake("slimcore::channel_gather_")
+    def _channel_gather__fake(weight, out_index, in_index):
+        # channel_gather_ changes its input's shape, which no functionalization pass can express
+        # (auto_functionalize handles value mutation only): it is an eager-only op, so
+        # torch.compile / export must not trace it. The eager kernels are checked by opcheck's
+        # test_schema (mutation and aliasing match the schema); test_faketensor and
+        # test_aot_dispatch_* need a traceable op and do not apply.
+        raise NotImplementedError(
+            "slimcore::channel_gather_ resizes its input in place and is an eager-only op "
+            "(it cannot be traced by torch.compile or torch.export); use channel_gather inside compiled code"
+        )

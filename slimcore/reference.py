@@ -250,3 +250,89 @@ def penalty_value(weights, penalty, scale, p, a, knee, eps):
     out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
     total = sum(s * value(_acc(w), penalty, p, a, knee, eps).double().sum() for w, s in zip(weights, _scales(scale, len(weights))))
     return total.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Channel gather (pruning): the rules and messages of csrc/channel_gather_args.cpp.
+
+
+def check_gather(op, weight, out_index, in_index, in_place, check_values=True):
+    """Validates channel_gather / channel_gather_ arguments in the order the kernels do.
+
+    ``check_values=False`` skips the data-dependent checks (range, order): the fake kernels use it.
+    """
+    if weight.dim() < 1:
+        raise ValueError(f"slimcore: {op}: weight must have at least 1 dimension, got a 0-d tensor")
+    if in_place and weight.requires_grad:
+        raise ValueError(
+            f"slimcore: {op}: weight requires grad and cannot be resized in place; gather param.data and assign "
+            "param.data = result"
+        )
+    if not weight.is_contiguous():
+        raise ValueError(
+            f"slimcore: {op}: weight must be contiguous (got sizes {list(weight.shape)}, strides "
+            f"{list(weight.stride())}); a channels_last or transposed weight needs .contiguous() first"
+        )
+    if in_index is not None and weight.dim() < 2:
+        raise ValueError(f"slimcore: {op}: in_index must be None for a 1-D weight (it has no input-channel dimension)")
+    for name, index, dim in (("out_index", out_index, 0), ("in_index", in_index, 1)):
+        if index is None:
+            continue
+        if index.dtype != torch.int64:
+            raise TypeError(f"slimcore: {op}: {name} must be an int64 (torch.long) tensor, got {index.dtype}")
+        if index.dim() != 1:
+            raise ValueError(f"slimcore: {op}: {name} must be 1-D, got shape {list(index.shape)}")
+        if index.device != weight.device:
+            raise ValueError(f"slimcore: {op}: {name} is on {index.device} but weight is on {weight.device}")
+        if not check_values:
+            continue
+        size = weight.shape[dim]
+        values = index.tolist()
+        for k, v in enumerate(values):
+            if not 0 <= v < size:
+                raise IndexError(
+                    f"slimcore: {op}: {name}[{k}] = {v} is out of range for dimension {dim} of weight (size {size})"
+                )
+            if in_place and k > 0 and v <= values[k - 1]:
+                raise ValueError(
+                    f"slimcore: {op}: {name} must be strictly increasing (sorted, no duplicates) for the in-place "
+                    f"gather, but {name}[{k}] = {v} follows {name}[{k - 1}] = {values[k - 1]}; "
+                    "use channel_gather for any order"
+                )
+
+
+def gathered_shape(weight, out_index, in_index):
+    """The shape channel_gather returns."""
+    shape = list(weight.shape)
+    if out_index is not None:
+        shape[0] = out_index.numel()
+    if in_index is not None:
+        shape[1] = in_index.numel()
+    return shape
+
+
+def _gather(weight, out_index, in_index):
+    out = weight
+    if out_index is not None:
+        out = out.index_select(0, out_index)
+    if in_index is not None:
+        out = out.index_select(1, in_index)
+    return weight.clone() if out is weight else out.contiguous()
+
+
+def channel_gather(weight, out_index, in_index):
+    """weight.index_select(0, out_index).index_select(1, in_index) as a new contiguous tensor; None keeps
+    that dimension whole. Any order and duplicates allowed."""
+    check_gather("channel_gather", weight, out_index, in_index, False)
+    return _gather(weight, out_index, in_index)
+
+
+def channel_gather_(weight, out_index, in_index):
+    """The same gather into weight itself (strictly increasing indices): weight is resized to the
+    gathered shape (its storage keeps its size and address) and returned."""
+    check_gather("channel_gather_", weight, out_index, in_index, True)
+    with torch.no_grad():
+        result = _gather(weight, out_index, in_index)
+        weight.resize_(result.shape)
+        weight.copy_(result)
+    return weight
