@@ -68,18 +68,22 @@ def prune_torch_pruning(model, x, ratio):
 
 
 def torch_pruning_same_channels(model, x, removed):
-    """Prunes, with Torch-Pruning's dependency graph, exactly the conv output channels slimcore removed."""
+    """Prunes, with Torch-Pruning's dependency graph, exactly the output channels slimcore removed
+    from each conv and linear (coupled layers follow through Torch-Pruning's groups)."""
     import torch_pruning as tp
 
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
-    done = set()
+    out_handlers = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+    done = set()  # modules whose output channels a group already pruned
     for name, idx in removed.items():
         m = model.get_submodule(name)
-        if not isinstance(m, nn.Conv2d) or m.groups == m.in_channels > 1 or name in done:
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1:
+            continue  # depthwise: follows its producer
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in done:
             continue
-        group = dg.get_pruning_group(m, tp.prune_conv_out_channels, idxs=list(idx))
-        for dep, _ in group:
-            done.add(next((n for n, mm in model.named_modules() if mm is dep.target.module), None))
+        handler = tp.prune_conv_out_channels if isinstance(m, nn.Conv2d) else tp.prune_linear_out_channels
+        group = dg.get_pruning_group(m, handler, idxs=list(idx))
+        done.update(id(dep.target.module) for dep, _ in group if dep.handler in out_handlers)
         group.prune()
 
 

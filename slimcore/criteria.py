@@ -46,7 +46,7 @@ def _score_into(scores, atoms, values):
 
 
 def bn_scale_scores(graph: ChannelGraph):
-    scores = np.full(len(graph.owner), np.nan)
+    scores = np.full(graph.n_atoms, np.nan)
     for mc in graph.modules.values():
         if mc.kind in ("bn", "selection_bn") and mc.module.weight is not None:
             gamma = mc.module.weight.detach().abs().double().cpu().numpy()
@@ -57,7 +57,7 @@ def bn_scale_scores(graph: ChannelGraph):
 
 
 def l1_filter_scores(graph: ChannelGraph):
-    scores = np.full(len(graph.owner), np.nan)
+    scores = np.full(graph.n_atoms, np.nan)
     for mc in graph.modules.values():
         if mc.kind in _PRODUCERS:
             w = _filters(mc.module)
@@ -67,7 +67,7 @@ def l1_filter_scores(graph: ChannelGraph):
 
 def random_scores(graph: ChannelGraph, seed=0):
     rng = np.random.default_rng(seed)
-    scores = np.full(len(graph.owner), np.nan)
+    scores = np.full(graph.n_atoms, np.nan)
     for mc in graph.modules.values():
         if mc.kind in _PRODUCERS:
             _score_into(scores, mc.out_atoms, rng.random(len(mc.out_atoms)))
@@ -106,7 +106,7 @@ def greedy_pair_elimination(similarity, importance, pair_score):
 
 
 def cfp_scores(graph: ChannelGraph):
-    scores = np.full(len(graph.owner), np.nan)
+    scores = np.full(graph.n_atoms, np.nan)
     for mc in graph.modules.values():
         if mc.kind in ("conv", "grouped_conv", "linear") and len(mc.out_atoms) > 1:
             w = _filters(mc.module)
@@ -148,7 +148,7 @@ class FilterHistory:
 def hbfp_scores(graph: ChannelGraph, history: FilterHistory):
     if history is None or not history.norms:
         raise ValueError("criterion 'hbfp' needs history=FilterHistory(model) recorded over training epochs")
-    scores = np.full(len(graph.owner), np.nan)
+    scores = np.full(graph.n_atoms, np.nan)
     for mc in graph.modules.values():
         if mc.kind not in ("conv", "grouped_conv", "linear") or len(mc.out_atoms) < 2:
             continue

@@ -37,8 +37,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
+from ._shapes import infer_shapes
 from .nn import PLAIN_BATCHNORM
 from .profile import layer_macs
 
@@ -93,6 +93,9 @@ _REDUCTIONS = {torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"}
 _SHAPE_QUERIES = {"size", "dim", "numel", getattr, operator.getitem}
 
 
+_SHAPE_KEY = "slimcore_shape"
+
+
 class TraceFailure(RuntimeError):
     """The model could not be traced with torch.fx."""
 
@@ -123,50 +126,77 @@ class ChannelGraph:
     """Atoms, their classes, and the modules reading and writing them (see the module docstring)."""
 
     modules: dict = field(default_factory=dict)  # name -> ModuleChannels, in execution order
-    owner: list = field(default_factory=list)  # atom -> owning module name (None for sources)
-    frozen: list = field(default_factory=list)  # atom -> bool
+    owner_names: list = field(default_factory=list)  # owner id -> module name
     selection_parent: dict = field(default_factory=dict)  # selection-BN atom -> its input atom
     notes: list = field(default_factory=list)  # why channels were frozen
     macs: dict = field(default_factory=dict)  # conv/linear module name -> MACs per sample (profile.py rules)
-    _parent: list = field(default_factory=list)  # union-find
+    _owner: list = field(default_factory=list)  # per new_atoms call: (owner id, count)
+    _owner_ids: dict = field(default_factory=dict)  # module name -> owner id
+    _frozen: list = field(default_factory=list)  # arrays of frozen atoms
+    _edges: list = field(default_factory=list)  # pairs of equal-length atom arrays to merge
+    n_atoms: int = 0
 
     # -- atoms -----------------------------------------------------------------------------------
     def new_atoms(self, n, owner, frozen=False):
-        start = len(self.owner)
-        self.owner.extend([owner] * n)
-        self.frozen.extend([frozen] * n)
-        self._parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, a):
-        parent = self._parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
+        """n new atoms owned by module ``owner`` (a name, or None for a source)."""
+        owner_id = -1 if owner is None else self._owner_ids.setdefault(owner, len(self._owner_ids))
+        if owner_id == len(self.owner_names):
+            self.owner_names.append(owner)
+        atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
+        self.n_atoms += n
+        self._owner.append((owner_id, n))
+        if frozen:
+            self._frozen.append(atoms)
+        return atoms
 
     def union(self, a, b):
-        """Merge atoms a[i] and b[i] for every i."""
-        for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self._parent[max(rx, ry)] = min(rx, ry)
+        """Atoms a[i] and b[i] must go together, for every i."""
+        self._edges.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
 
     def freeze(self, atoms, reason):
         if len(atoms):
-            for a in atoms.tolist():
-                self.frozen[a] = True
+            self._frozen.append(np.asarray(atoms, dtype=np.int64))
             self.notes.append(f"{reason} ({len(atoms)} channels frozen)")
 
-    def classes(self):
-        """Class id (its root atom) of every atom, as an int64 array."""
-        return np.fromiter((self.find(a) for a in range(len(self.owner))), dtype=np.int64, count=len(self.owner))
+    @property
+    def owner(self):
+        """Owner id of every atom (-1: a source such as the model input); names in owner_names."""
+        return np.repeat(np.array([o for o, _ in self._owner], dtype=np.int64),
+                         np.array([n for _, n in self._owner], dtype=np.int64)) if self._owner else \
+            np.zeros(0, dtype=np.int64)
 
-    def frozen_classes(self, roots):
-        frozen_roots = np.unique(roots[np.asarray(self.frozen, dtype=bool)])
-        return set(frozen_roots.tolist())
+    @property
+    def frozen(self):
+        mask = np.zeros(self.n_atoms, dtype=bool)
+        for atoms in self._frozen:
+            mask[atoms] = True
+        return mask
+
+    def classes(self):
+        """Class id of every atom: the smallest atom it is connected to by union()."""
+        return connected_components(self.n_atoms, self._edges)
+
+
+def connected_components(n, edges):
+    """Label of each of n nodes = smallest node in its component, for edges given as pairs of
+    index arrays. Vectorised hooking and pointer jumping (Shiloach-Vishkin style)."""
+    labels = np.arange(n, dtype=np.int64)
+    if not edges:
+        return labels
+    a = np.concatenate([e[0] for e in edges])
+    b = np.concatenate([e[1] for e in edges])
+    while True:
+        la, lb = labels[a], labels[b]
+        if np.array_equal(la, lb):
+            return labels
+        low = np.minimum(la, lb)
+        np.minimum.at(labels, la, low)  # hook each root onto the smaller one
+        np.minimum.at(labels, lb, low)
+        while True:  # pointer jumping until every node points at its root
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
 
 
 class _Tracer(torch.fx.Tracer):
@@ -180,7 +210,7 @@ class _Tracer(torch.fx.Tracer):
         self.failed_in = None  # innermost submodule being traced when tracing failed
 
     def is_leaf_module(self, m, qualname):
-        if isinstance(m, tuple(PLAIN_BATCHNORM)) or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
+        if type(m) in PLAIN_BATCHNORM or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -197,7 +227,8 @@ class _Tracer(torch.fx.Tracer):
 
 
 def trace(model, example_inputs, leaf_modules=()):
-    """(GraphModule with shapes in node.meta, module lookup). Raises TraceFailure naming the module."""
+    """(root module, fx Graph with each tensor's shape in node.meta). Raises TraceFailure naming
+    the module that could not be traced."""
     tracer = _Tracer(leaf_modules)
     try:
         graph = tracer.trace(model)
@@ -208,12 +239,13 @@ def trace(model, example_inputs, leaf_modules=()):
             "Pass that submodule (or its class) in leaf_modules=[...] to treat it as an opaque leaf: its input "
             "and output channels are then left unpruned."
         ) from exc
-    gm = torch.fx.GraphModule(tracer.root, graph)
+    if infer_shapes(tracer.root, graph, example_inputs, _SHAPE_KEY):
+        return tracer.root, graph
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            _ShapeRecorder(tracer.root, graph).run(*example_inputs)
     except Exception as exc:
         raise TraceFailure(
             f"slimcore traced {type(model).__name__} but running the traced graph on example_inputs failed: "
@@ -221,12 +253,26 @@ def trace(model, example_inputs, leaf_modules=()):
         ) from exc
     finally:
         model.train(was_training)
-    return gm
+    return tracer.root, graph
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the traced graph once and keeps only each tensor's shape (ShapeProp's full metadata
+    costs more than the forward on small models). Interprets the Graph directly: no GraphModule
+    code generation."""
+
+    def __init__(self, root, graph):
+        super().__init__(root, graph=graph)
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if isinstance(result, torch.Tensor) and node.op != "output":
+            node.meta[_SHAPE_KEY] = tuple(result.shape)
+        return result
 
 
 def _meta_shape(node):
-    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return node.meta.get(_SHAPE_KEY) if isinstance(node, torch.fx.Node) else None
 
 
 def _norm_dim(dim, ndim):
@@ -234,14 +280,14 @@ def _norm_dim(dim, ndim):
 
 
 class _Analysis:
-    def __init__(self, gm, ignore_names):
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
+    def __init__(self, root, graph, ignore_names):
+        self.fx_graph = graph
+        self.modules = dict(root.named_modules())
         self.graph = ChannelGraph()
         self.info = {}  # node -> ChannelInfo
         self.ignore = ignore_names
         self.module_out = {}  # module name -> out atoms (a module called twice keeps its atoms)
-        placeholders = [_meta_shape(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [_meta_shape(n) for n in graph.nodes if n.op == "placeholder"]
         self.batch = placeholders[0][0] if placeholders and placeholders[0] else 1
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -269,7 +315,7 @@ class _Analysis:
 
     # -- graph walk ---------------------------------------------------------------------------------
     def run(self):
-        for node in self.gm.graph.nodes:
+        for node in self.fx_graph.nodes:
             if node.op == "placeholder":
                 self.info[node] = self.fresh(node)  # frozen: the input's channels are given
             elif node.op == "get_attr":
@@ -557,5 +603,5 @@ def _name(target):
 
 def analyze(model, example_inputs, ignore=(), leaf_modules=()):
     """Traces ``model`` and returns its ChannelGraph. ``ignore``: module names whose channels stay."""
-    gm = trace(model, example_inputs, leaf_modules)
-    return _Analysis(gm, set(ignore)).run()
+    root, graph = trace(model, example_inputs, leaf_modules)
+    return _Analysis(root, graph, set(ignore)).run()

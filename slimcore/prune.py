@@ -93,16 +93,15 @@ def _check_args(ratio, criterion, scope, round_to, min_channels):
 
 
 class _Classes:
-    """Per-class arrays derived from the graph: class index of each atom, score, frozen, layer."""
+    """Per-class arrays derived from the graph: class of each atom, score, frozen, layer."""
 
     def __init__(self, graph, scores):
         self.graph = graph
-        roots = graph.classes()
-        _, self.of_atom = np.unique(roots, return_inverse=True)
-        n = self.of_atom.max() + 1 if len(roots) else 0
+        _, self.of_atom = np.unique(graph.classes(), return_inverse=True)
+        n = int(self.of_atom.max()) + 1 if graph.n_atoms else 0
         self.n = n
         self.frozen = np.zeros(n, dtype=bool)
-        np.logical_or.at(self.frozen, self.of_atom, np.asarray(graph.frozen, dtype=bool))
+        self.frozen[self.of_atom[graph.frozen]] = True
         self.score = np.full(n, np.nan)
         np.fmax.at(self.score, self.of_atom, scores)
         self.size = np.bincount(self.of_atom, minlength=n)
@@ -113,31 +112,36 @@ class _Classes:
         self.is_selection = np.zeros(n, dtype=bool)
         self.is_selection[self.sel_class] = True
         # A selection channel that must stay needs its input channel: freeze parents of frozen ones.
-        changed = True
-        while changed:
+        while True:
             need = self.frozen[self.sel_class] & ~self.frozen[self.parent_class]
-            changed = bool(need.any())
+            if not need.any():
+                break
             self.frozen[self.parent_class[need]] = True
-        # Layer of a class: the set of modules owning its atoms; multiplicity = atoms per module.
-        owners = graph.owner
-        order = np.argsort(self.of_atom, kind="stable")
-        bounds = np.searchsorted(self.of_atom[order], np.arange(n + 1))
-        self.layer = []
-        self.multiplicity = np.ones(n, dtype=np.int64)
-        for c in range(n):
-            members = [owners[a] for a in order[bounds[c]:bounds[c + 1]].tolist()]
-            names = sorted({m for m in members if m is not None})
-            self.layer.append(tuple(names))
-            if names:
-                self.multiplicity[c] = max(members.count(m) for m in names)
+        self._layers(graph.owner, len(graph.owner_names))
         self.candidate = ~self.frozen & np.isfinite(self.score)
 
+    def _layers(self, owner, n_owners):
+        """layer[c]: an id for the set of modules owning class c's atoms (classes of one conv share
+        it; a residual stream's classes share theirs); multiplicity[c]: atoms per owning module."""
+        n = self.n
+        owned = owner >= 0
+        pairs, counts = np.unique(self.of_atom[owned] * n_owners + owner[owned], return_counts=True)
+        pair_class, pair_owner = pairs // n_owners, pairs % n_owners
+        self.multiplicity = np.ones(n, dtype=np.int64)
+        np.maximum.at(self.multiplicity, pair_class, counts)
+        # The owner set of a class, hashed: a sum of fixed random 64-bit keys, one per module
+        # (collisions need two different sets with equal sums: probability ~ 2^-64 per pair).
+        keys = np.random.default_rng(0).integers(1, 2**63, size=max(n_owners, 1), dtype=np.uint64)
+        signature = np.zeros(n, dtype=np.uint64)
+        np.add.at(signature, pair_class, keys[pair_owner])
+        _, self.layer = np.unique(signature, return_inverse=True)
+
     def layers(self, mask):
-        """{layer: array of class ids} for classes in mask."""
-        groups = {}
-        for c in np.nonzero(mask)[0].tolist():
-            groups.setdefault(self.layer[c], []).append(c)
-        return {k: np.asarray(v) for k, v in groups.items()}
+        """{layer id: array of class ids} for the classes in mask."""
+        idx = np.nonzero(mask)[0]
+        order = idx[np.argsort(self.layer[idx], kind="stable")]
+        bounds = np.flatnonzero(np.diff(self.layer[order])) + 1
+        return {int(self.layer[g[0]]): g for g in np.split(order, bounds) if len(g)}
 
 
 def _global_threshold(classes, ratio):
@@ -336,6 +340,8 @@ def _apply(plan, optimizer):
 
 
 def _module_names(model, items):
+    if not items:
+        return set()
     by_id = {id(m): n for n, m in model.named_modules()}
     names = set()
     for item in items:
@@ -404,7 +410,9 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         macs = graph.macs.get(plan.name, 0)
         flops_after += round(macs * mac_factor) - macs
         if len(plan.out_keep) < plan.n_out:
-            removed_idx[plan.name] = np.setdiff1d(np.arange(plan.n_out), plan.out_keep).tolist()
+            gone = np.ones(plan.n_out, dtype=bool)
+            gone[plan.out_keep] = False
+            removed_idx[plan.name] = np.flatnonzero(gone).tolist()
 
     if not dry_run:
         with torch.no_grad():
