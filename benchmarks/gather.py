@@ -28,17 +28,13 @@ Results go to benchmarks/results/gather-<device>.json (or --out).
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import device_name, git_commit, write_json  # noqa: E402
+from _common import RESULTS, device_name, environment, interleaved, selected_devices, warn_if_reference, write_json  # noqa: E402
 
-import slimcore  # noqa: E402
 from slimcore import ops  # noqa: E402
 
 DEFAULT_SHAPES = "64x64x3x3,256x256x3x3,512x512x3x3,2048x512x1x1,4096x25088"
@@ -49,45 +45,6 @@ def kept_indices(size, keep, generator, device):
     """A random sorted subset of round(keep * size) channels."""
     count = max(1, round(keep * size))
     return torch.randperm(size, generator=generator)[:count].sort().values.to(device)
-
-
-def timed(fn, calls, device, setup=None):
-    """Seconds per call over `calls` calls. With `setup`, it runs before every call, untimed."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if setup is None:
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / calls
-    total = 0.0
-    for _ in range(calls):
-        setup()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        total += time.perf_counter() - t0
-    return total / calls
-
-
-def benchmark(cands, device, repeats, target_s):
-    """{name: (median_us, iqr_us)} from `repeats` interleaved rounds. cands: {name: (fn, setup)}."""
-    calls = {}
-    for name, (fn, setup) in cands.items():  # warm up, and size each round to ~target_s
-        timed(fn, 2, device, setup)
-        per_call = timed(fn, 3, device, setup)
-        calls[name] = max(1, int(target_s / max(per_call, 1e-7)))
-    samples = {name: [] for name in cands}
-    for _ in range(repeats):
-        for name, (fn, setup) in cands.items():
-            samples[name].append(timed(fn, calls[name], device, setup) * 1e6)
-    out = {}
-    for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0], s[0], s[0]]
-        out[name] = (statistics.median(s), q[2] - q[0])
-    return out
 
 
 def candidates(weight, o, i):
@@ -125,13 +82,8 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gather.py: --device cuda but no CUDA GPU is visible")
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    info = slimcore.build_info()
-    if not info["extension_loaded"]:
-        print(f"WARNING: slimcore's compiled ops are not loaded ({info['load_error']}); timing the reference")
+    devices = selected_devices(args.device, "gather.py")
+    warn_if_reference()
 
     names = ("index_select x2", "channel_gather", "channel_gather_")
     for dev in devices:
@@ -149,7 +101,7 @@ def main(argv=None):
             i = kept_indices(shape[1], args.keep, g, device)
             check_agreement(weight, o, i)
             cands = candidates(weight, o, i)
-            times = benchmark(cands, device, args.repeats, args.round_seconds)
+            times = interleaved(cands, device, args.repeats, args.round_seconds, warmup_calls=3, min_calls=1)
             out_bytes = o.numel() * i.numel() * weight[0, 0].numel() * weight.element_size()
             moved = 2 * out_bytes
             gbps = {k: moved / (v[0] * 1e-6) / 1e9 for k, v in times.items()}
@@ -165,12 +117,9 @@ def main(argv=None):
                 speedup_vs_index_select=speedup, speedup_in_place_vs_index_select=speedup_in_place,
             ))
             del cands, weight
-        out = args.out if args.out and len(devices) == 1 else os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results", f"gather-{dev}.json")
+        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"gather-{dev}.json")
         write_json(out, dict(
-            benchmark="gather", device=device_name(device), device_type=dev, torch=torch.__version__,
-            threads=torch.get_num_threads(), commit=git_commit(), python=platform.python_version(),
-            slimcore_build=info, repeats=args.repeats, keep=args.keep,
+            benchmark="gather", **environment(device), repeats=args.repeats, keep=args.keep,
             target="channel_gather >= 1.5x index_select x2 on CPU",
             records=records,
         ))

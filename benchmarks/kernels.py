@@ -18,18 +18,16 @@ benchmarks/results/kernels-<device>.json (or --out).
 """
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
 
 import slimcore
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, device_name, environment, interleaved, selected_devices, warn_if_reference, write_json  # noqa: E402
 
 LAM = 1e-4  # the paper's lambda for VGG
 MU = 1e-3  # a proximal step: lr 0.1 * lam 1e-2
@@ -171,79 +169,6 @@ def check_agreement(model, fns, mode):
     reset_state(model)
 
 
-# ------------------------------------------------------------------------------------------ timing
-
-
-def timed_calls(fn, calls, device):
-    """Seconds per call over `calls` consecutive calls."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls
-
-
-def benchmark(fns, device, repeats, target_s):
-    """{name: (median_us, iqr_us)} from `repeats` interleaved rounds."""
-    calls = {}
-    for name, fn in fns.items():  # warm up, and size each round to ~target_s
-        timed_calls(fn, 20, device)
-        per_call = timed_calls(fn, 20, device)
-        calls[name] = max(5, int(target_s / max(per_call, 1e-7)))
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(timed_calls(fn, calls[name], device) * 1e6)
-    out = {}
-    for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0], s[0], s[0]]
-        out[name] = (statistics.median(s), q[2] - q[0])
-    return out
-
-
-# ------------------------------------------------------------------------------------------ output
-
-
-def git_commit():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def write_json(path, payload):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -259,13 +184,8 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("kernels.py: --device cuda but no CUDA GPU is visible")
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    info = slimcore.build_info()
-    if not info["extension_loaded"]:
-        print(f"WARNING: slimcore's compiled ops are not loaded ({info['load_error']}); timing the reference")
+    devices = selected_devices(args.device, "kernels.py")
+    warn_if_reference()
 
     for dev in devices:
         device = torch.device(dev)
@@ -286,7 +206,7 @@ def main(argv=None):
                         continue
                     fns = candidates(model, mode, penalty)
                     check_agreement(model, fns, mode)
-                    times = benchmark(fns, device, args.repeats, args.round_seconds)
+                    times = interleaved(fns, device, args.repeats, args.round_seconds)
                     speedup_eager = times["eager loop"][0] / times["slimcore"][0]
                     speedup_foreach = times["foreach"][0] / times["slimcore"][0]
                     cells = " ".join(f"{m:>8.1f} ({q:>4.1f})" for m, q in times.values())
@@ -297,13 +217,8 @@ def main(argv=None):
                         median_us={k: v[0] for k, v in times.items()}, iqr_us={k: v[1] for k, v in times.items()},
                         speedup_vs_eager_loop=speedup_eager, speedup_vs_foreach=speedup_foreach,
                     ))
-        out = args.out if args.out and len(devices) == 1 else os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{dev}.json")
-        write_json(out, dict(
-            benchmark="kernels", device=device_name(device), device_type=dev, torch=torch.__version__,
-            threads=torch.get_num_threads(), commit=git_commit(), python=platform.python_version(),
-            slimcore_build=info, repeats=args.repeats, records=records,
-        ))
+        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"kernels-{dev}.json")
+        write_json(out, dict(benchmark="kernels", **environment(device), repeats=args.repeats, records=records))
         print(f"wrote {out}")
 
 

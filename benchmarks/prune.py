@@ -21,7 +21,6 @@ Target: slimcore takes <= 1/3 of Torch-Pruning's time on every model.
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from torch import nn
 import slimcore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import device_name, git_commit, write_json  # noqa: E402
+from _common import RESULTS, device_name, environment, write_json  # noqa: E402
 
 MODELS = ["resnet18", "resnet50", "vgg16_bn", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
           "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d"]
@@ -104,8 +103,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224, help="input resolution of the example input")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "prune-cpu.json"))
+    parser.add_argument("--out", default=os.path.join(RESULTS, "prune-cpu.json"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,9 +148,7 @@ def main(argv=None):
         print(f"{name:<20} {t_slim:>10.3f} {t_tp:>8.3f} {t_tp / t_slim:>6.1f}x   {dense_params:>12,} {slim_params:>11,} "
               f"{tp_params:>11,}   {dense_flops / 1e6:>12.0f} {slim_flops / 1e6:>8.0f} {tp_flops / 1e6:>8.0f}   {same}")
         records.append(rec)
-    write_json(args.out, dict(benchmark="prune", device=device_name(torch.device("cpu")), torch=torch.__version__,
-                              threads=torch.get_num_threads(), commit=git_commit(), python=platform.python_version(),
-                              records=records))
+    write_json(args.out, dict(benchmark="prune", **environment(torch.device("cpu")), records=records))
     print(f"wrote {args.out}")
 
 
