@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from . import models, nn, penalties, reference
 from ._ext import build_info
 from .criteria import FilterHistory, magnitude_prune
+from .fold import fold_bn
 from .graph import TraceFailure
 from .penalties import L1, L2, MCP, SCAD, TL1, Lp, LpNorm
 from .profile import profile
@@ -40,4 +41,5 @@ __all__ = [
     "magnitude_prune",
     "FilterHistory",
     "TraceFailure",
+    "fold_bn",
 ]

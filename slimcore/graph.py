@@ -119,6 +119,8 @@ class ModuleChannels:
     in_atoms: np.ndarray
     out_atoms: np.ndarray
     source_atoms: np.ndarray = None  # BN: the input atom each output channel normalises
+    producer: str = None  # coupled BN: the conv/linear whose output (read by nothing else) it normalises
+    calls: int = 1  # how many times the traced forward calls the module
 
 
 @dataclass
@@ -378,12 +380,13 @@ class _Analysis:
     def tainted(inp):
         return ChannelInfo(inp.atoms, np.ones(len(inp.atoms), dtype=bool), inp.dim)
 
-    def register(self, name, m, kind, in_atoms, out_atoms, source_atoms=None):
+    def register(self, name, m, kind, in_atoms, out_atoms, source_atoms=None, producer=None):
         prev = self.graph.modules.get(name)
         if prev is not None:  # a module called again must see the same channels
             self.graph.union(prev.in_atoms, in_atoms)
+            prev.calls += 1
             return prev.out_atoms
-        self.graph.modules[name] = ModuleChannels(name, m, kind, in_atoms, out_atoms, source_atoms)
+        self.graph.modules[name] = ModuleChannels(name, m, kind, in_atoms, out_atoms, source_atoms, producer)
         return out_atoms
 
     def conv(self, node, name, m, inp):
@@ -440,7 +443,7 @@ class _Analysis:
         coupled = isinstance(producer, (*_CONVS, nn.Linear)) and len(src.users) == 1 and selected is None
         if coupled or not m.affine or type(m) not in _SELECTABLE_BATCHNORMS:
             out = inp.atoms
-            self.register(name, m, "bn", inp.atoms, out, source)
+            self.register(name, m, "bn", inp.atoms, out, source, producer=src.target if coupled else None)
         else:
             out = self.module_out.get(name)
             if out is None:

@@ -1,0 +1,220 @@
+"""Measured latency of slimmed vs dense models, next to what the FLOPs predict.
+
+For each model, the dense network gets random BatchNorm gammas drawn so that a global |gamma|
+threshold at ratio r removes a share r of every layer's channels (see draw_gammas), and
+slimcore.prune slims a copy at each ratio.
+Dense and slimmed models then run the same inputs under torch.inference_mode: after a warm-up,
+rounds alternate between all variants (so machine drift hits them alike), and the table reports
+the median and interquartile range of the per-forward latency.
+
+    speed-up           = latency dense / latency slimmed          (measured)
+    FLOPs speed-up     = FLOPs dense / FLOPs slimmed              (predicted; conv + linear MACs)
+    realised fraction  = speed-up / FLOPs speed-up                (1.0: the FLOPs cut is all realised)
+
+A slimmed model slower than its dense model is flagged in the table and the JSON.
+
+Default (the README's first command): VGG-19, pre-activation ResNet-164 and DenseNet-40 at 32x32
+(batch 32), torchvision resnet50 and mobilenet_v2 at 224x224 (batch 4), ratios 0.3/0.5/0.7:
+about two minutes on a 2-core CPU. The project's CPU targets are measured at batch 64:
+
+    python benchmarks/latency.py --models vgg19,resnet50 --ratios 0.5 --batch-sizes 64 \\
+        --fold-bn --channels-last --round-to 8
+
+Results: a JSON file (benchmarks/results/latency-<device>.json, or --out) whose records carry
+model, ratio, batch_size, device, dtype, threads, params/flops dense and slim, latencies, speed-ups
+and realised fraction; and a PNG plot of speed-up vs prune ratio with the FLOPs prediction.
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import slimcore
+import slimcore.graph
+import slimcore.models as seed_models
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, environment, interleaved, selected_devices, warn_if_reference, write_json  # noqa: E402
+
+DEFAULT_MODELS = "vgg19,preresnet164,densenet40,resnet50,mobilenet_v2"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def draw_gammas(model, example, seed=0):
+    """Random BN gammas such that a global threshold at ratio r removes a share r of every layer's
+    channels (in expectation). Each class of coupled channels (slimcore.graph) draws one uniform
+    value, and every BN channel that reads the class gets it: the pruner scores a class by the max
+    of its BNs, so i.i.d. gammas would keep classes read by many BNs (residual streams) and cut the
+    rest far harder than r."""
+    graph = slimcore.graph.analyze(model, (example,))
+    value = np.random.default_rng(seed).random(graph.n_atoms)[graph.classes()] + 0.01
+    with torch.no_grad():
+        for mc in graph.modules.values():
+            if mc.kind in ("bn", "selection_bn") and mc.module.weight is not None:
+                mc.module.weight.copy_(torch.from_numpy(value[mc.source_atoms]))
+
+
+def build(name, seed=0):
+    """(model with drawn BN gammas, input shape without the batch) for a seed or torchvision model."""
+    torch.manual_seed(seed)
+    if name in seed_models.NAMES:
+        if name in ("lenet5", "mlp"):
+            model, shape = seed_models.build(name, in_channels=1, input_size=28), (1, 28, 28)
+        else:
+            model, shape = seed_models.build(name), (3, 32, 32)
+    else:
+        import torchvision
+
+        if not hasattr(torchvision.models, name):
+            raise SystemExit(f"latency.py: unknown model {name!r} (slimcore.models: {', '.join(seed_models.NAMES)}, "
+                             "or a torchvision.models name)")
+        model, shape = getattr(torchvision.models, name)(), (3, 224, 224)
+    model.eval()
+    draw_gammas(model, torch.randn(1, *shape), seed)
+    return model, shape
+
+
+def prepare(model, x, args, device, dtype):
+    """The inference form of a model: device, dtype, BN folding, memory format, compilation."""
+    model = model.to(device)
+    if args.fold_bn:
+        slimcore.fold_bn(model, x)
+    model = model.to(dtype=dtype)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def forward_fn(model, x):
+    def run():
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def plot(records, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    models = sorted({r["model"] for r in records})
+    batches = sorted({r["batch_size"] for r in records})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, bs in zip(axes[0], batches):
+        for i, name in enumerate(models):
+            rs = sorted((r for r in records if r["model"] == name and r["batch_size"] == bs), key=lambda r: r["ratio"])
+            if not rs:
+                continue
+            color = f"C{i}"
+            ratios = [0.0] + [r["ratio"] for r in rs]
+            ax.plot(ratios, [1.0] + [r["speedup"] for r in rs], "o-", color=color, label=f"{name} measured")
+            ax.plot(ratios, [1.0] + [r["flops_speedup"] for r in rs], "--", color=color, alpha=0.6,
+                    label=f"{name} FLOPs")
+        ax.set_title(f"batch {bs}, {records[0]['device']}, {records[0]['dtype']}")
+        ax.set_xlabel("prune ratio (share of channels removed)")
+        ax.set_ylabel("speed-up over dense")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated slimcore.models or torchvision names")
+    parser.add_argument("--ratios", default="0.3,0.5,0.7")
+    parser.add_argument("--batch-sizes", default="auto",
+                        help="comma-separated; auto = 32 for 28/32-pixel models, 4 for 224-pixel ones")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for models and inputs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant (slow to start)")
+    parser.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv/linear")
+    parser.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--round-seconds", type=float, default=0.15, help="time per variant per round")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latency-<device>.json)")
+    parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(selected_devices(args.device, "latency.py")[0])
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    dtype = DTYPES[args.dtype]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    auto_batch = args.batch_sizes == "auto"
+    batch_sizes = None if auto_batch else [int(b) for b in args.batch_sizes.split(",")]
+    warn_if_reference()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    env = environment(device)
+    options = dict(channels_last=args.channels_last, compile=args.compile, fold_bn=args.fold_bn,
+                   round_to=args.round_to)
+    print(f"{env['device']} ({device.type}), torch {env['torch']}, threads {env['threads']}, {args.dtype}, "
+          f"options {options}; latency: median ms per forward (IQR)")
+    print(f"{'model':<14} {'ratio':>5} {'batch':>5} {'params':>17} {'MFLOPs':>15}  {'dense ms':>15} {'slim ms':>15} "
+          f"{'speed-up':>8} {'FLOPs x':>7} {'realised':>8}")
+    records = []
+    start = time.perf_counter()
+    for name in args.models.split(","):
+        dense, shape = build(name)
+        example = torch.randn(1, *shape)
+        flops_dense, params_dense = slimcore.profile(dense, example)
+        slims = {}
+        for ratio in ratios:
+            slim = copy.deepcopy(dense)
+            slimcore.prune(slim, example, ratio=ratio, round_to=args.round_to)
+            slims[ratio] = (slim, *slimcore.profile(slim, example))
+        for bs in ([32 if shape[-1] <= 32 else 4] if auto_batch else batch_sizes):
+            x = torch.randn(bs, *shape, device=device, dtype=dtype)
+            if args.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            example_dev = example.to(device)
+            variants = {"dense": forward_fn(prepare(copy.deepcopy(dense), example_dev, args, device, dtype), x)}
+            for ratio, (slim, _, _) in slims.items():
+                variants[ratio] = forward_fn(prepare(copy.deepcopy(slim), example_dev, args, device, dtype), x)
+            times = interleaved(variants, device, args.repeats, args.round_seconds, warmup_calls=3, min_calls=1)
+            dense_ms, dense_iqr = (t / 1e3 for t in times["dense"])
+            for ratio, (slim, flops_slim, params_slim) in slims.items():
+                slim_ms, slim_iqr = (t / 1e3 for t in times[ratio])
+                speedup = dense_ms / slim_ms
+                flops_speedup = flops_dense / flops_slim
+                rec = dict(
+                    model=name, ratio=ratio, batch_size=bs, device=env["device"], device_type=device.type,
+                    dtype=args.dtype, threads=env["threads"], params_dense=params_dense, params_slim=params_slim,
+                    flops_dense=flops_dense, flops_slim=flops_slim, latency_dense_ms=dense_ms,
+                    latency_slim_ms=slim_ms, latency_dense_iqr_ms=dense_iqr, latency_slim_iqr_ms=slim_iqr,
+                    speedup=speedup, flops_speedup=flops_speedup, realised_fraction=speedup / flops_speedup,
+                    slower_than_dense=slim_ms > dense_ms, **options,
+                )
+                records.append(rec)
+                flag = "  SLOWER THAN DENSE" if rec["slower_than_dense"] else ""
+                print(f"{name:<14} {ratio:>5.2f} {bs:>5} {params_dense / 1e6:>7.2f}M->{params_slim / 1e6:>6.2f}M "
+                      f"{flops_dense / 1e6:>7.0f}->{flops_slim / 1e6:>6.0f}  {dense_ms:>8.2f} ({dense_iqr:>4.2f}) "
+                      f"{slim_ms:>8.2f} ({slim_iqr:>4.2f}) {speedup:>7.2f}x {flops_speedup:>6.2f}x "
+                      f"{rec['realised_fraction']:>8.2f}{flag}")
+    out = args.out or os.path.join(RESULTS, f"latency-{device.type}.json")
+    write_json(out, dict(benchmark="latency", **env, dtype=args.dtype, options=options, repeats=args.repeats,
+                         seconds=time.perf_counter() - start, records=records))
+    print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
+    png = plot(records, args.plot or os.path.splitext(out)[0] + ".png")
+    if png:
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

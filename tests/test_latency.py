@@ -1,0 +1,57 @@
+"""benchmarks/latency.py on a tiny model: the JSON schema other tools read, and params/FLOPs
+equal slimcore.profile of the same dense and slimmed models."""
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import slimcore
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import latency  # noqa: E402
+
+FIELDS = {"model": str, "ratio": float, "batch_size": int, "device": str, "dtype": str, "threads": int,
+          "params_dense": int, "params_slim": int, "flops_dense": int, "flops_slim": int,
+          "latency_dense_ms": float, "latency_slim_ms": float, "speedup": float, "flops_speedup": float,
+          "realised_fraction": float}
+
+
+@pytest.mark.parametrize("options", [[], ["--fold-bn", "--channels-last", "--round-to", "4"]], ids=["plain", "options"])
+def test_latency_script_writes_its_schema(tmp_path, options):
+    out = tmp_path / "latency.json"
+    latency.main(["--models", "lenet5,mlp", "--ratios", "0.3,0.6", "--batch-sizes", "2,4", "--repeats", "3",
+                  "--round-seconds", "0.01", "--out", str(out), *options])
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "threads", "commit", "records"} <= set(data)
+    assert data["torch"] == torch.__version__
+    records = data["records"]
+    assert len(records) == 2 * 2 * 2  # models x ratios x batch sizes
+    for rec in records:
+        for key, kind in FIELDS.items():
+            assert isinstance(rec[key], kind), (key, rec[key])
+        assert rec["speedup"] == pytest.approx(rec["latency_dense_ms"] / rec["latency_slim_ms"])
+        assert rec["flops_speedup"] == pytest.approx(rec["flops_dense"] / rec["flops_slim"])
+        assert rec["realised_fraction"] == pytest.approx(rec["speedup"] / rec["flops_speedup"])
+        assert rec["slower_than_dense"] == (rec["latency_slim_ms"] > rec["latency_dense_ms"])
+    # Params and FLOPs are those of the very models benchmarked: rebuild them independently.
+    round_to = 4 if options else 1
+    for rec in records:
+        dense, shape = latency.build(rec["model"])
+        x = torch.randn(1, *shape)
+        slim = copy.deepcopy(dense)
+        slimcore.prune(slim, x, ratio=rec["ratio"], round_to=round_to)
+        assert (rec["flops_dense"], rec["params_dense"]) == slimcore.profile(dense, x)
+        assert (rec["flops_slim"], rec["params_slim"]) == slimcore.profile(slim, x)
+    assert (tmp_path / "latency.png").exists()
+
+
+def test_drawn_gammas_make_the_global_threshold_remove_the_share():
+    dense, shape = latency.build("preresnet56")
+    report = slimcore.prune(copy.deepcopy(dense), torch.randn(1, *shape), ratio=0.5, dry_run=True)
+    narrowed = [(before, after) for name, (before, after) in report.channels.items() if "conv" in name]
+    kept = sum(a for _, a in narrowed) / sum(b for b, _ in narrowed)
+    assert 0.35 < kept < 0.65, f"about half of the conv channels should stay, kept {kept:.2f}"
