@@ -6,9 +6,28 @@ import tempfile
 import torch
 
 
+def _compact(obj):
+    """Copies of tensors whose storage is larger than their data (in-place pruning leaves the
+    dropped channels' memory behind, and torch.save writes whole storages)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+            return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        return type(obj)((k, _compact(v)) for k, v in obj.items()) if type(obj) is not dict else \
+            {k: _compact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_compact(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_compact(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same directory, then rename over ``path``: a crash
-    mid-write leaves the previous file intact, never a truncated one."""
+    mid-write leaves the previous file intact, never a truncated one. Tensors are written
+    compactly (only their own elements)."""
+    obj = _compact(obj)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -144,18 +144,18 @@ class _Classes:
         return {int(self.layer[g[0]]): g for g in np.split(order, bounds) if len(g)}
 
 
-def _global_threshold(classes, ratio):
-    """The score below which candidate classes go: a percentile of class scores, each class
-    weighted by the channels it holds, so ``ratio`` is the share of prunable channels removed.
-    For a plain conv-BN chain under bn_scale this is the paper's percentile of |gamma|."""
+def _global_removal(classes, ratio):
+    """(removed mask, threshold): the lowest-scoring candidate classes, each weighted by the
+    channels it holds, up to a share ``ratio`` of all candidate channels. For a plain conv-BN chain
+    under bn_scale this is the paper's percentile of |gamma|; ties are broken by position, so
+    equal scores (e.g. an untrained model) still lose the requested share."""
+    removed = np.zeros(classes.n, dtype=bool)
     idx = np.nonzero(classes.candidate)[0]
-    order = np.argsort(classes.score[idx], kind="stable")
-    values = classes.score[idx][order]
-    weights = classes.size[idx][order].astype(np.float64)
-    if len(values) == 0:
-        return math.inf
+    order = idx[np.argsort(classes.score[idx], kind="stable")]
+    weights = classes.size[order].astype(np.float64)
     k = int(np.searchsorted(np.cumsum(weights), ratio * weights.sum(), side="right"))
-    return float(values[k]) if k < len(values) else math.inf
+    removed[order[:k]] = True
+    return removed, float(classes.score[order[k]]) if k < len(order) else math.inf
 
 
 def _round_up(k, multiplicity, round_to, n):
@@ -183,8 +183,7 @@ def decide(classes, ratio, scope, round_to, min_channels):
     removed = np.zeros(classes.n, dtype=bool)
     threshold = None
     if scope == "global":
-        threshold = _global_threshold(classes, ratio)
-        removed = classes.candidate & (classes.score < threshold)
+        removed, threshold = _global_removal(classes, ratio)
     else:
         for members in classes.layers(classes.candidate).values():
             k = int(math.floor(ratio * len(members)))
@@ -447,23 +446,35 @@ def channel_config(model):
     return config
 
 
-def save_pruned(model, path):
+def save_pruned(model, path, meta=None):
     """Writes the model's state_dict and channel configuration to ``path`` (atomically), to be
-    rebuilt with :func:`load_pruned` from the dense architecture."""
+    rebuilt with :func:`load_pruned` from the dense architecture. ``meta`` (JSON-like) is stored
+    with it; ``{"model": name, "model_kwargs": {...}}`` lets load_pruned rebuild a slimcore.models
+    architecture without a build_fn."""
     from ._io import atomic_save
 
-    atomic_save({"format": "slimcore.pruned/1", "config": channel_config(model), "state_dict": model.state_dict()},
-                path)
+    atomic_save({"format": "slimcore.pruned/1", "config": channel_config(model), "state_dict": model.state_dict(),
+                 "meta": meta or {}}, path)
 
 
-def load_pruned(path, build_fn, map_location="cpu"):
-    """Rebuilds a pruned model: ``build_fn()`` makes the dense architecture, which is reshaped to
-    the saved channel configuration and loaded (``weights_only=True``, strict)."""
+def load_pruned(path, build_fn=None, map_location="cpu"):
+    """Rebuilds a pruned model: ``build_fn()`` makes the dense architecture (default: the
+    slimcore.models architecture named in the file's metadata), which is reshaped to the saved
+    channel configuration and loaded (``weights_only=True``, strict)."""
     from ._io import safe_load
 
     ckpt = safe_load(path, map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "slimcore.pruned/1":
         raise ValueError(f"{path} is not a slimcore pruned checkpoint (written by slimcore.save_pruned)")
+    if build_fn is None:
+        meta = ckpt.get("meta") or {}
+        if "model" not in meta:
+            raise ValueError(f"{path} names no slimcore.models architecture in its metadata: pass build_fn")
+        from . import models
+
+        def build_fn():
+            return models.build(meta["model"], **meta.get("model_kwargs", {}))
+
     model = build_fn()
     state = ckpt["state_dict"]
     for name, entry in ckpt["config"].items():

@@ -1,0 +1,368 @@
+"""``slimcore`` command line: train -> prune -> fine-tune, on a run directory.
+
+    slimcore train    --model vgg19 --dataset fashion-mnist --lam 1e-4 --epochs 160 --out RUN
+    slimcore prune    --run RUN --ratio 0.5,0.7            (from RUN/train; writes RUN/prune-<r>)
+    slimcore finetune --run RUN --ratio 0.5                (from RUN/prune-0.5; writes RUN/finetune-0.5)
+    slimcore run      --model vgg19 ... --ratio 0.5 --passes 3 --out RUN   (the whole pipeline)
+    slimcore report   --run RUN                            (RUN/report.md and PNG figures)
+    slimcore report   --sweep RUN_A RUN_B RUN_C --out DIR  (compare runs, e.g. three lambdas)
+
+A run directory:
+
+    config.json                 model, data and training settings (written by train / run)
+    train/                      sparsity training: checkpoint.pt, metrics.jsonl, model.pt
+    prune-<ratio>/              model.pt (pruned) and report.json (accuracy, params, FLOPs, size)
+    finetune-<ratio>/           checkpoint.pt, metrics.jsonl, model.pt
+    pass<k>/...                 the same per pass, with --passes > 1 (pass k+1 starts from pass k's
+                                fine-tuned model and trains it with sparsity again)
+    report.md, *.png            slimcore report
+
+Distributed: ``torchrun --nproc_per_node=N -m slimcore train ...`` (gloo on CPU, NCCL on GPU).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import data as data_mod
+from . import models
+from .criteria import CRITERIA
+from .penalties import NAMES as PENALTY_NAMES
+from .profile import profile
+from .prune import SCOPES, prune, save_pruned
+from .train import Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
+
+
+class CLIError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------- arguments
+
+
+def _add_training_args(p, finetune=False):
+    p.add_argument("--epochs", type=int, default=None if finetune else 160)
+    p.add_argument("--batch-size", type=int, default=None if finetune else 64)
+    p.add_argument("--lr", type=float, default=None if finetune else 0.1)
+    p.add_argument("--momentum", type=float, default=None if finetune else 0.9)
+    p.add_argument("--weight-decay", type=float, default=None if finetune else 1e-4)
+    p.add_argument("--accumulate", type=int, default=None if finetune else 1,
+                   help="micro-batches per step (the batch is split; same global batch)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
+    p.add_argument("--seed", type=int, default=None if finetune else 0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true", help="continue the stage from its checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def _add_model_args(p):
+    p.add_argument("--model", required=True, choices=models.NAMES)
+    p.add_argument("--dataset", default="fashion-mnist", choices=data_mod.DATASETS)
+    p.add_argument("--data-dir", default=None, help="where the data set's files are (never downloaded)")
+    p.add_argument("--val-split", type=float, default=0.0, help="hold out this share of the training set")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--penalty", default="l1", choices=PENALTY_NAMES)
+    p.add_argument("--lam", type=float, default=1e-4, help="sparsity strength (0: plain training)")
+    p.add_argument("--p", type=float, default=0.5, help="exponent of lp / lpnorm")
+    p.add_argument("--a", type=float, default=1.0, help="tl1 a; scad a (default 3.7); mcp gamma (default 3)")
+    p.add_argument("--mode", default="subgradient", choices=("subgradient", "proximal"))
+    p.add_argument("--bn", default="stock", choices=("stock", "fused"),
+                   help="stock: nn.BatchNorm + sparse_bn_step; fused: slimcore.convert_bn kernels")
+
+
+def _add_prune_args(p):
+    p.add_argument("--ratio", default="0.5", help="one or more comma-separated prune ratios")
+    p.add_argument("--criterion", default="bn_scale", choices=CRITERIA)
+    p.add_argument("--scope", default="global", choices=SCOPES)
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--min-channels", type=int, default=1)
+
+
+def parser():
+    top = argparse.ArgumentParser(prog="slimcore", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="sparsity training")
+    _add_model_args(p)
+    _add_training_args(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p = sub.add_parser("prune", help="prune a trained (or fine-tuned) model")
+    p.add_argument("--run", required=True)
+    p.add_argument("--source", default="train", help="stage to prune, relative to the run (default: train)")
+    _add_prune_args(p)
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("finetune", help="fine-tune a pruned model (no penalty)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--ratio", required=True, help="which prune-<ratio> to fine-tune (comma-separated: several)")
+    _add_training_args(p, finetune=True)
+    p = sub.add_parser("run", help="train -> prune -> fine-tune, optionally repeated (--passes)")
+    _add_model_args(p)
+    _add_training_args(p)
+    _add_prune_args(p)
+    p.add_argument("--passes", type=int, default=1)
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default: --epochs")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="markdown summary and figures of a run (or a sweep of runs)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--run")
+    group.add_argument("--sweep", nargs="+", metavar="RUN", help="compare several runs (e.g. lambdas)")
+    p.add_argument("--out", default=None, help="output directory (default: the run, or required with --sweep)")
+    return top
+
+
+def _ratios(text):
+    try:
+        ratios = [float(r) for r in str(text).split(",")]
+    except ValueError:
+        raise CLIError(f"--ratio must be comma-separated numbers, got {text!r}") from None
+    for r in ratios:
+        if not 0.0 <= r < 1.0:
+            raise CLIError(f"prune ratio {r} is out of range: it must be in [0, 1)")
+    return ratios
+
+
+def _ratio_name(r):
+    return f"{r:g}"
+
+
+# ---------------------------------------------------------------------------------------- run dirs
+
+
+def _read_config(run):
+    path = os.path.join(run, "config.json")
+    if not os.path.exists(path):
+        raise CLIError(f"{run} is not a slimcore run directory (no config.json): create it with `slimcore train`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _data(config, settings, device, rank=0, world=1, batch_size=None):
+    from torch.utils.data import DistributedSampler
+
+    train, val, test, spec = data_mod.datasets(config["dataset"], config.get("data_dir"), config.get("val_split", 0.0),
+                                               seed=settings.seed)
+    bs = batch_size or settings.batch_size
+    if bs % world:
+        raise CLIError(f"batch size {bs} must be divisible by the {world} processes")
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    train_loader = data_mod.Loader(train, spec, bs // world, train=True, sampler=sampler, seed=settings.seed,
+                                   device=device)
+    eval_bs = max(bs, 256)
+    val_loader = data_mod.Loader(val, spec, eval_bs, device=device) if val is not None else None
+    test_loader = data_mod.Loader(test, spec, eval_bs, device=device)
+    return train_loader, val_loader, test_loader, spec
+
+
+def _settings(args, lam=None, **overrides):
+    s = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                 weight_decay=args.weight_decay, accumulate=args.accumulate, amp=args.amp, seed=args.seed,
+                 quiet=args.quiet)
+    if hasattr(args, "penalty"):
+        s.penalty, s.p, s.a, s.mode, s.bn = args.penalty, args.p, args.a, args.mode, args.bn
+        s.lam = args.lam if lam is None else lam
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(s, k, v)
+    return s
+
+
+def _config_from_args(args, spec):
+    kwargs = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "width": args.width}
+    if args.model in ("lenet5", "mlp"):
+        kwargs["input_size"] = spec.size
+    return {"model": args.model, "model_kwargs": kwargs, "dataset": args.dataset, "data_dir": args.data_dir,
+            "val_split": args.val_split, "input_shape": [spec.in_channels, spec.size, spec.size],
+            "train": vars(args) | {"command": args.command}, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def train_stage(config, settings, stage_dir, init_model=None, resume=False, stage="train", crash_after_epoch=None):
+    rank, world = distributed()
+    device = resolve_device(settings.extra.get("device", "auto"))
+    torch.manual_seed(settings.seed)
+    train_loader, val_loader, test_loader, spec = _data(config, settings, device, rank, world)
+    meta = model_meta(config["model"], config["model_kwargs"], config["dataset"], config["input_shape"])
+    model = init_model if init_model is not None else models.build(config["model"], **config["model_kwargs"])
+    return fit(model, train_loader, val_loader, test_loader, settings, stage_dir, meta, device, resume=resume,
+               stage=stage, crash_after_epoch=crash_after_epoch)
+
+
+def cmd_train(args, crash_after_epoch=None):
+    rank, _ = distributed()
+    spec = data_mod.datasets(args.dataset, args.data_dir, 0.0)[3]
+    config = _config_from_args(args, spec)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
+            config = _read_config(args.out) | {"resumed": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_json(os.path.join(args.out, "config.json"), config)
+    s = _settings(args, extra={"device": args.device})
+    return train_stage(config, s, os.path.join(args.out, "train"), resume=args.resume,
+                       crash_after_epoch=crash_after_epoch)
+
+
+def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
+                device="auto", out_dir=None):
+    """Prunes source_dir/model.pt at one ratio into out_dir (default run/prune-<ratio>); returns its
+    report. Under torchrun, rank 0 prunes and the others read its report."""
+    rank, world = distributed()
+    out_dir = out_dir or os.path.join(run, f"prune-{_ratio_name(ratio)}")
+    if rank != 0:
+        torch.distributed.barrier()
+        with open(os.path.join(out_dir, "report.json")) as f:
+            return json.load(f)
+    config = _read_config(run)
+    source = os.path.join(source_dir, "model.pt")
+    if not os.path.exists(source):
+        raise CLIError(f"no trained model at {source}: run `slimcore train` (or the stage) first")
+    dev = resolve_device(device)
+    model, meta = load_model(source)
+    model.to(dev)
+    s = Settings(seed=0)
+    _, _, test_loader, _ = _data(config, s, dev, batch_size=256)
+    acc_before, _ = evaluate(model, test_loader, dev)
+    x = example_input(meta, dev)
+    flops_before, params_before = profile(model, x)
+    report = prune(model.eval(), x, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
+                   min_channels=min_channels)
+    acc_after, _ = evaluate(model, test_loader, dev)
+    os.makedirs(out_dir, exist_ok=True)
+    save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})
+    result = {"ratio": ratio, "criterion": criterion, "scope": scope, "round_to": round_to, "source": source,
+              "acc_before": acc_before, "acc_after": acc_after, "params_before": params_before,
+              "params_after": report.params_after, "flops_before": flops_before, "flops_after": report.flops_after,
+              "size_before": file_size(source), "size_after": file_size(os.path.join(out_dir, "model.pt")),
+              "channels_removed": report.channels_removed, "threshold": report.threshold,
+              "channels": {k: list(v) for k, v in report.channels.items()}, "notes": report.notes,
+              "seconds": report.seconds}
+    _write_json(os.path.join(out_dir, "report.json"), result)
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+def _print_prune_table(results):
+    print(f"{'ratio':>5} {'acc before':>10} {'acc after':>10} {'params':>22} {'MFLOPs':>17} {'size MB':>15}")
+    for r in results:
+        print(f"{r['ratio']:>5g} {r['acc_before']:>10.4f} {r['acc_after']:>10.4f} "
+              f"{r['params_before']:>10,} -> {r['params_after']:>9,} "
+              f"{r['flops_before'] / 1e6:>7.1f} -> {r['flops_after'] / 1e6:>7.1f} "
+              f"{r['size_before'] / 1e6:>6.2f} -> {r['size_after'] / 1e6:>5.2f}")
+
+
+def cmd_prune(args):
+    run = args.run
+    _read_config(run)
+    results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
+                           args.min_channels, args.device) for r in _ratios(args.ratio)]
+    _print_prune_table(results)
+    return results
+
+
+def finetune_stage(run, prune_dir, out_dir, settings, resume=False, crash_after_epoch=None):
+    config = _read_config(run)
+    source = os.path.join(prune_dir, "model.pt")
+    if not os.path.exists(source):
+        raise CLIError(f"no pruned model at {source}: run `slimcore prune` first")
+    model, _ = load_model(source)
+    return train_stage(config, settings, out_dir, init_model=model, resume=resume, stage="finetune",
+                       crash_after_epoch=crash_after_epoch)
+
+
+def _finetune_settings(args, config):
+    trained = config["train"]
+    return Settings(
+        epochs=args.epochs or trained["epochs"], batch_size=args.batch_size or trained["batch_size"],
+        lr=args.lr or trained["lr"], momentum=args.momentum if args.momentum is not None else trained["momentum"],
+        weight_decay=args.weight_decay if args.weight_decay is not None else trained["weight_decay"],
+        accumulate=args.accumulate or trained.get("accumulate", 1), amp=args.amp, lam=0.0,
+        seed=args.seed if args.seed is not None else trained["seed"], quiet=args.quiet,
+        extra={"device": args.device})
+
+
+def cmd_finetune(args):
+    config = _read_config(args.run)
+    s = _finetune_settings(args, config)
+    return [finetune_stage(args.run, os.path.join(args.run, f"prune-{_ratio_name(r)}"),
+                           os.path.join(args.run, f"finetune-{_ratio_name(r)}"), s, resume=args.resume)
+            for r in _ratios(args.ratio)]
+
+
+def cmd_run(args):
+    rank, _ = distributed()
+    ratios = _ratios(args.ratio)
+    if args.passes < 1:
+        raise CLIError("--passes must be >= 1")
+    if args.passes > 1 and len(ratios) > 1:
+        raise CLIError("multi-pass runs prune one ratio per pass: give a single --ratio")
+    spec = data_mod.datasets(args.dataset, args.data_dir, 0.0)[3]
+    config = _config_from_args(args, spec)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        _write_json(os.path.join(args.out, "config.json"), config)
+    train_s = _settings(args, extra={"device": args.device})
+    tune_s = _settings(args, lam=0.0, epochs=args.finetune_epochs, extra={"device": args.device})
+    init = None
+    summary = []
+    for k in range(1, args.passes + 1):
+        base = args.out if args.passes == 1 else os.path.join(args.out, f"pass{k}")
+        trained = train_stage(config, train_s, os.path.join(base, "train"), init_model=init, resume=args.resume)
+        for r in ratios:
+            pruned = prune_stage(args.out, os.path.join(base, "train"), r, args.criterion, args.scope, args.round_to,
+                                 args.min_channels, args.device, out_dir=os.path.join(base, f"prune-{_ratio_name(r)}"))
+            tuned = finetune_stage(args.out, os.path.join(base, f"prune-{_ratio_name(r)}"),
+                                   os.path.join(base, f"finetune-{_ratio_name(r)}"), tune_s, resume=args.resume)
+            summary.append({"pass": k, "ratio": r, "trained_acc": trained["test_acc"], **pruned,
+                            "finetuned_acc": tuned["test_acc"]})
+        if rank == 0:
+            _print_prune_table([s for s in summary if s["pass"] == k])
+        init = load_model(os.path.join(base, f"finetune-{_ratio_name(ratios[0])}", "model.pt"))[0]
+    if rank == 0:
+        _write_json(os.path.join(args.out, "summary.json"), summary)
+    return summary
+
+
+def cmd_report(args):
+    from .plots import report_run, report_sweep
+
+    if args.run:
+        _read_config(args.run)
+        path = report_run(args.run, args.out or args.run)
+    else:
+        if not args.out:
+            raise CLIError("report --sweep needs --out DIR")
+        for r in args.sweep:
+            _read_config(r)
+        path = report_sweep(args.sweep, args.out)
+    print(f"wrote {path}")
+    return path
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "run": cmd_run, "report": cmd_report}
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (CLIError, data_mod.DataError, FileNotFoundError) as exc:
+        print(f"slimcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Figures and markdown summaries of run directories (``slimcore report``).
+
+For one run: the gamma distribution after sparsity training (histogram, and the paper's sorted
+|gamma| curve with each prune threshold), accuracy per epoch of every stage, accuracy vs prune
+ratio (straight after pruning and after fine-tuning, against the unpruned baseline), and params,
+FLOPs and size on disk vs prune ratio (seed 000's figures). For a sweep of runs (e.g. three
+lambdas, seed 004): their gamma distributions side by side and a comparison table.
+"""
+
+import glob
+import json
+import os
+
+import torch
+
+from .step import bn_weights
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("slimcore report needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _metrics(stage_dir):
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _gammas(model_path):
+    from .train import load_model
+
+    model, _ = load_model(model_path)
+    weights = [w.detach().abs().flatten() for _, w in bn_weights(model)]
+    return torch.cat(weights).sort().values if weights else torch.zeros(0)
+
+
+def _stages(run):
+    """[(prefix, stage dir)] of the run's passes: ("", run) or ("pass1/", run/pass1), ..."""
+    passes = sorted(glob.glob(os.path.join(run, "pass*")), key=lambda p: int(p.rsplit("pass", 1)[1] or 0))
+    return [(os.path.basename(p) + "/", p) for p in passes] or [("", run)]
+
+
+def _ratio_rows(base):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(base, "prune-*", "report.json"))):
+        rep = _json(path)
+        ratio_name = os.path.basename(os.path.dirname(path))[len("prune-"):]
+        tuned = _metrics(os.path.join(base, f"finetune-{ratio_name}"))
+        rep["finetuned_acc"] = tuned[-1]["test_acc"] if tuned else None
+        rows.append(rep)
+    return sorted(rows, key=lambda r: r["ratio"])
+
+
+def report_run(run, out_dir):
+    plt = _plt()
+    os.makedirs(out_dir, exist_ok=True)
+    config = _json(os.path.join(run, "config.json"))
+    lines = [f"# slimcore run: {config['model']} on {config['dataset']}", "",
+             f"Settings: `{json.dumps({k: config['train'].get(k) for k in ('penalty', 'lam', 'mode', 'bn', 'epochs', 'batch_size', 'lr', 'width', 'seed')})}`", ""]
+    figures = []
+    for prefix, base in _stages(run):
+        tag = prefix.rstrip("/") or "run"
+        title = f" ({tag})" if prefix else ""
+        train_model = os.path.join(base, "train", "model.pt")
+        rows = _ratio_rows(base)
+        if os.path.exists(train_model):
+            g = _gammas(train_model).numpy()
+            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+            ax1.hist(g, bins=60, color="C0")
+            ax1.set_yscale("log")
+            ax1.set_xlabel("|gamma|")
+            ax1.set_ylabel("channels")
+            ax1.set_title(f"gamma after sparsity training{title}")
+            ax2.plot(range(len(g)), g, color="C0")
+            for r in rows:
+                if r.get("threshold") is not None and r["threshold"] != float("inf"):
+                    ax2.axhline(r["threshold"], ls="--", lw=0.8, color="C3")
+                    ax2.text(0, r["threshold"], f" {r['ratio']:g}", color="C3", fontsize=7, va="bottom")
+            ax2.set_xlabel("channel (sorted)")
+            ax2.set_ylabel("|gamma|")
+            ax2.set_title("sorted |gamma| with prune thresholds")
+            name = f"{tag}_gamma.png"
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_dir, name), dpi=110)
+            plt.close(fig)
+            figures.append(name)
+        stage_dirs = [os.path.join(base, "train")] + sorted(glob.glob(os.path.join(base, "finetune-*")))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, d in enumerate(stage_dirs):
+            m = _metrics(d)
+            if not m:
+                continue
+            label = os.path.basename(d)
+            ax.plot([r["epoch"] + 1 for r in m], [r["train_acc"] for r in m], color=f"C{i}", alpha=0.5,
+                    label=f"{label} train")
+            ax.plot([r["epoch"] + 1 for r in m], [r["test_acc"] for r in m], color=f"C{i}", label=f"{label} test")
+            if m[0].get("val_acc") is not None:
+                ax.plot([r["epoch"] + 1 for r in m], [r["val_acc"] for r in m], ":", color=f"C{i}",
+                        label=f"{label} val")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"accuracy per epoch{title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        name = f"{tag}_accuracy.png"
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        figures.append(name)
+        if rows:
+            ratios = [r["ratio"] for r in rows]
+            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+            ax1.plot(ratios, [r["acc_after"] for r in rows], "o-", label="pruned")
+            if any(r["finetuned_acc"] is not None for r in rows):
+                ax1.plot([r["ratio"] for r in rows if r["finetuned_acc"] is not None],
+                         [r["finetuned_acc"] for r in rows if r["finetuned_acc"] is not None], "s-", label="fine-tuned")
+            ax1.axhline(rows[0]["acc_before"], ls="--", color="gray", label="unpruned")
+            ax1.set_xlabel("prune ratio")
+            ax1.set_ylabel("test accuracy")
+            ax1.legend()
+            ax1.grid(alpha=0.3)
+            for key, label in (("params", "params"), ("flops", "FLOPs"), ("size", "size on disk")):
+                ax2.plot(ratios, [r[f"{key}_after"] / r[f"{key}_before"] for r in rows], "o-", label=label)
+            ax2.set_xlabel("prune ratio")
+            ax2.set_ylabel("fraction of the unpruned model")
+            ax2.legend()
+            ax2.grid(alpha=0.3)
+            name = f"{tag}_ratios.png"
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_dir, name), dpi=110)
+            plt.close(fig)
+            figures.append(name)
+            lines += [f"## Pruning{title}", "",
+                      "| ratio | acc unpruned | acc pruned | acc fine-tuned | params | FLOPs | size MB |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in rows:
+                tuned = f"{r['finetuned_acc']:.4f}" if r["finetuned_acc"] is not None else "-"
+                lines.append(f"| {r['ratio']:g} | {r['acc_before']:.4f} | {r['acc_after']:.4f} | {tuned} | "
+                             f"{r['params_before']:,} → {r['params_after']:,} | "
+                             f"{r['flops_before'] / 1e6:.1f}M → {r['flops_after'] / 1e6:.1f}M | "
+                             f"{r['size_before'] / 1e6:.2f} → {r['size_after'] / 1e6:.2f} |")
+            lines.append("")
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def report_sweep(runs, out_dir):
+    plt = _plt()
+    os.makedirs(out_dir, exist_ok=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.8), squeeze=False)
+    lines = ["# slimcore sweep", "", "| run | penalty | lambda | test acc | \\|gamma\\| < 1e-2 | exact zeros |",
+             "|---|---|---|---|---|---|"]
+    for ax, run in zip(axes[0], runs):
+        config = _json(os.path.join(run, "config.json"))
+        base = _stages(run)[0][1]
+        g = _gammas(os.path.join(base, "train", "model.pt")).numpy()
+        ax.hist(g, bins=50, color="C0")
+        lam = config["train"].get("lam")
+        ax.set_title(f"{config['train'].get('penalty')} lambda={lam:g}")
+        ax.set_xlabel("|gamma|")
+        ax.set_yscale("log")
+        m = _metrics(os.path.join(base, "train"))
+        acc = m[-1]["test_acc"] if m else float("nan")
+        lines.append(f"| {os.path.basename(os.path.normpath(run))} | {config['train'].get('penalty')} | {lam:g} | "
+                     f"{acc:.4f} | {(g < 1e-2).mean():.3f} | {(g == 0).mean():.3f} |")
+    axes[0][0].set_ylabel("channels")
+    fig.suptitle("gamma distribution after sparsity training")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "sweep_gamma.png"), dpi=110)
+    plt.close(fig)
+    lines += ["", "![gamma distributions](sweep_gamma.png)"]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

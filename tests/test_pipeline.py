@@ -1,0 +1,150 @@
+"""The pipeline (slimcore/train.py, cli.py, plots.py): every command end to end on tiny settings,
+exact resume after a crash, clear errors, and DDP with two CPU processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import slimcore
+from slimcore import cli, data, models
+from slimcore.train import Settings, fit, load_model, model_meta
+
+TINY = ["--model", "lenet5", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "64", "--lam", "1e-3",
+        "--quiet"]
+
+
+def run_cli(*args):
+    assert cli.main([str(a) for a in args]) == 0
+
+
+def test_train_prune_finetune_report(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "--val-split", "0.1", "--out", run)
+    metrics = [json.loads(line) for line in open(run / "train" / "metrics.jsonl")]
+    assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1]["val_acc"] is not None
+    run_cli("prune", "--run", run, "--ratio", "0.3,0.6")
+    for r in ("0.3", "0.6"):
+        rep = json.load(open(run / f"prune-{r}" / "report.json"))
+        model, meta = load_model(run / f"prune-{r}" / "model.pt")
+        x = torch.zeros(1, *meta["input_shape"])
+        assert slimcore.profile(model, x) == (rep["flops_after"], rep["params_after"])
+        assert rep["size_after"] < rep["size_before"], "a pruned model must be smaller on disk"
+        assert rep["params_after"] < rep["params_before"]
+    run_cli("finetune", "--run", run, "--ratio", "0.6", "--epochs", "1", "--quiet")
+    tuned = [json.loads(line) for line in open(run / "finetune-0.6" / "metrics.jsonl")]
+    assert len(tuned) == 1 and tuned[0]["stage"] == "finetune"
+    run_cli("report", "--run", run)
+    text = (run / "report.md").read_text()
+    assert "| 0.6 |" in text and "run_gamma.png" in text
+    for png in ("run_gamma.png", "run_accuracy.png", "run_ratios.png"):
+        assert (run / png).stat().st_size > 1000
+
+
+def test_multi_pass_run_and_sweep_report(tmp_path):
+    run_cli("run", *TINY, "--ratio", "0.5", "--passes", "2", "--finetune-epochs", "1", "--out", tmp_path / "a")
+    summary = json.load(open(tmp_path / "a" / "summary.json"))
+    assert [s["pass"] for s in summary] == [1, 2]
+    assert summary[1]["params_before"] == summary[0]["params_after"]  # pass 2 starts from pass 1's model
+    assert summary[1]["params_after"] < summary[1]["params_before"]
+    run_cli("run", *TINY[:-3], "--lam", "1e-2", "--quiet", "--ratio", "0.5", "--finetune-epochs", "1",
+            "--out", tmp_path / "b")
+    run_cli("report", "--sweep", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "sweep")
+    assert "lambda" in (tmp_path / "sweep" / "report.md").read_text()
+    run_cli("report", "--run", tmp_path / "a")
+    assert "pass2" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
+    args = cli.parser().parse_args(["train", *TINY[:4], "--epochs", "3", "--batch-size", "64", "--lam", "1e-3",
+                                    "--quiet", "--out", str(tmp_path / "full")])
+    cli.cmd_train(args)
+    crashed = cli.parser().parse_args(["train", *TINY[:4], "--epochs", "3", "--batch-size", "64", "--lam", "1e-3",
+                                       "--quiet", "--out", str(tmp_path / "crash")])
+    with pytest.raises(RuntimeError, match="simulated crash after epoch 1"):
+        cli.cmd_train(crashed, crash_after_epoch=1)
+    assert not (tmp_path / "crash" / "train" / "model.pt").exists()
+    crashed.resume = True
+    cli.cmd_train(crashed)
+    full = torch.load(tmp_path / "full" / "train" / "model.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(tmp_path / "crash" / "train" / "model.pt", weights_only=True)["state_dict"]
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    lines = open(tmp_path / "crash" / "train" / "metrics.jsonl").read().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
+    run_cli("train", *TINY, "--out", tmp_path)
+    ckpt = tmp_path / "train" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="corrupted or truncated"):
+        run_cli("train", *TINY, "--resume", "--out", tmp_path)
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert cli.main(["prune", "--run", str(tmp_path)]) == 2
+    assert "not a slimcore run directory" in capsys.readouterr().err
+    run_cli("train", *TINY, "--out", tmp_path)
+    assert cli.main(["prune", "--run", str(tmp_path), "--ratio", "1.5"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "vgg11", "--dataset", "cifar10", "--out", str(tmp_path / "c")]) == 2
+    assert "cifar.html" in capsys.readouterr().err
+
+
+def test_amp_and_proximal_mode_run(tmp_path):
+    run_cli("train", *TINY, "--amp", "--mode", "proximal", "--penalty", "tl1", "--out", tmp_path)
+    metrics = [json.loads(line) for line in open(tmp_path / "train" / "metrics.jsonl")]
+    assert metrics[-1]["train_acc"] > 0.3
+
+
+def test_every_seed_model_trains_a_step_and_prunes_at_28_and_32():
+    for name in models.NAMES:
+        for size, channels in ((28, 1), (32, 3)):
+            kwargs = {"input_size": size} if name in ("lenet5", "mlp") else {}
+            model = models.build(name, in_channels=channels, width=0.25, **kwargs)
+            x = torch.randn(4, channels, size, size)
+            torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+            slimcore.sparse_bn_step(model, lam=1e-4)
+            report = slimcore.prune(model.eval(), x, ratio=0.5)
+            assert report.params_after < report.params_before, (name, size)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_a_slice_of_fashion_mnist_trains():
+    train, _, test, spec = data.datasets("fashion-mnist")
+    train = data.ArrayDataset(train.images[:3000], train.labels[:3000])
+    test = data.ArrayDataset(test.images[:1000], test.labels[:1000])
+    model = models.build("lenet5", in_channels=1, input_size=28)
+    s = Settings(epochs=2, batch_size=64, lr=0.05, lam=1e-4, quiet=True)
+    record = fit(model, data.Loader(train, spec, 64, train=True), None, data.Loader(test, spec, 500), s,
+                 os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fmnist-{os.getpid()}"),
+                 model_meta("lenet5", {"in_channels": 1, "input_size": 28}, "fashion-mnist", [1, 28, 28]),
+                 torch.device("cpu"))
+    assert record["test_acc"] > 0.7
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+@pytest.mark.parametrize("mode", ["subgradient", "proximal"])
+def test_ddp_two_cpu_processes_match_one_process(tmp_path, mode):
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", worker, str(tmp_path), "64", "1",
+                          mode], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = subprocess.run([sys.executable, worker, str(tmp_path), "64", "2", mode], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "gamma-world2-rank0.pt")
+    rank1 = torch.load(tmp_path / "gamma-world2-rank1.pt")
+    alone = torch.load(tmp_path / "gamma-world1-rank0.pt")
+    assert torch.equal(rank0, rank1), "gamma must be identical on every rank"
+    # One process, same global batch, the batch split as the ranks split it: the same trajectory.
+    torch.testing.assert_close(rank0, alone, rtol=1e-4, atol=1e-5)
