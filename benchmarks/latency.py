@@ -5,7 +5,8 @@ threshold at ratio r removes a share r of every layer's channels (see draw_gamma
 slimcore.prune slims a copy at each ratio.
 Dense and slimmed models then run the same inputs under torch.inference_mode: after a warm-up,
 rounds alternate between all variants (so machine drift hits them alike), and the table reports
-the median and interquartile range of the per-forward latency.
+the median and interquartile range of the per-forward latency. With --from-run RUN the model is a
+run's sparsity-trained network (slimcore train), pruned by its own gammas.
 
     speed-up           = latency dense / latency slimmed          (measured)
     FLOPs speed-up     = FLOPs dense / FLOPs slimmed              (predicted; conv + linear MACs)
@@ -80,6 +81,19 @@ def build(name, seed=0):
     return model, shape
 
 
+def from_run(path):
+    """(name, model, input shape) of a run directory's sparsity-trained model (RUN/train/model.pt),
+    a stage directory, or a model.pt file written by slimcore's pipeline."""
+    from slimcore.train import load_model
+
+    for candidate in (os.path.join(path, "train", "model.pt"), os.path.join(path, "model.pt"), path):
+        if os.path.isfile(candidate):
+            model, meta = load_model(candidate)
+            return f"{meta.get('model', 'model')} ({os.path.basename(os.path.normpath(path))})", model.eval(), \
+                tuple(meta["input_shape"])
+    raise SystemExit(f"latency.py: no model.pt in {path} (expected a run directory from `slimcore train`)")
+
+
 def prepare(model, x, args, device, dtype):
     """The inference form of a model: device, dtype, BN folding, memory format, compilation."""
     model = model.to(device)
@@ -137,6 +151,8 @@ def plot(records, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated slimcore.models or torchvision names")
+    parser.add_argument("--from-run", default=None, metavar="RUN",
+                        help="benchmark a run's sparsity-trained model (its own gammas) instead of --models")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--batch-sizes", default="auto",
                         help="comma-separated; auto = 32 for 28/32-pixel models, 4 for 224-pixel ones")
@@ -170,8 +186,8 @@ def main(argv=None):
           f"{'speed-up':>8} {'FLOPs x':>7} {'realised':>8}")
     records = []
     start = time.perf_counter()
-    for name in args.models.split(","):
-        dense, shape = build(name)
+    sources = [from_run(args.from_run)] if args.from_run else [(n, *build(n)) for n in args.models.split(",")]
+    for name, dense, shape in sources:
         example = torch.randn(1, *shape)
         flops_dense, params_dense = slimcore.profile(dense, example)
         slims = {}

@@ -55,3 +55,23 @@ def test_drawn_gammas_make_the_global_threshold_remove_the_share():
     narrowed = [(before, after) for name, (before, after) in report.channels.items() if "conv" in name]
     kept = sum(a for _, a in narrowed) / sum(b for b, _ in narrowed)
     assert 0.35 < kept < 0.65, f"about half of the conv channels should stay, kept {kept:.2f}"
+
+
+def test_latency_from_a_run_directory(tmp_path):
+    from slimcore import cli
+    from slimcore.train import load_model
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "lenet5", "--dataset", "synthetic", "--epochs", "1", "--lam", "1e-3",
+                     "--quiet", "--out", str(run)]) == 0
+    out = tmp_path / "latency.json"
+    latency.main(["--from-run", str(run), "--ratios", "0.5", "--batch-sizes", "4", "--repeats", "3",
+                  "--round-seconds", "0.01", "--out", str(out)])
+    rec = json.loads(out.read_text())["records"][0]
+    assert rec["model"].startswith("lenet5")
+    trained, meta = load_model(run / "train" / "model.pt")
+    x = torch.randn(1, *meta["input_shape"])
+    slim = copy.deepcopy(trained).eval()
+    slimcore.prune(slim, x, ratio=0.5)  # pruned by the run's own gammas
+    assert (rec["flops_dense"], rec["params_dense"]) == slimcore.profile(trained, x)
+    assert (rec["flops_slim"], rec["params_slim"]) == slimcore.profile(slim, x)
