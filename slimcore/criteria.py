@@ -9,7 +9,9 @@ Atoms without a score (NaN) do not count; a class with no score is kept.
 bn_scale       |gamma| of every BatchNorm channel (network slimming, Liu et al. 2017). A BN scores
                the channels it reads; a selection BN (see graph.py) also scores its own output
                channels, so they can go while its input stays (the reference repo's
-               channel_selection).
+               channel_selection). Channels that no BN scales where they are produced and that
+               a conv/linear reads directly (the pre-activation residual stream feeding shortcut
+               convs) are kept: no gamma measures them.
 l1_filter      Li et al. 2016: the L1 norm of each conv/linear filter, divided by its fan-in
                (the mean |w|), so a global threshold compares layers of different fan-in; within
                a layer the ranking is Li et al.'s.
@@ -53,6 +55,20 @@ def bn_scale_scores(graph: ChannelGraph):
             _score_into(scores, mc.source_atoms, gamma)
             if mc.kind == "selection_bn":
                 _score_into(scores, mc.out_atoms, gamma)
+    # |gamma| measures a channel only where a BN scales it. A class produced by some conv/linear
+    # without a BN right after it (pre-activation ResNet's residual stream) that a conv/linear
+    # also reads directly (the stream's shortcut convs) carries values no gamma measures: keep it.
+    roots = graph.classes()
+    owner = graph.owner
+    scaled = {mc.producer for mc in graph.modules.values() if mc.kind == "bn" and mc.producer}
+    unscaled_ids = [i for i, name in enumerate(graph.owner_names)
+                    if name in graph.modules and graph.modules[name].kind in ("conv", "grouped_conv", "linear")
+                    and name not in scaled]
+    raw_reads = [mc.in_atoms for mc in graph.modules.values() if mc.kind in _PRODUCERS]
+    if unscaled_ids and raw_reads:
+        unscaled = np.unique(roots[np.isin(owner, unscaled_ids)])
+        raw = np.unique(roots[np.concatenate(raw_reads)])
+        scores[np.isin(roots, np.intersect1d(unscaled, raw))] = np.inf
     return scores
 
 

@@ -42,6 +42,8 @@ def fold_bn(model, example_inputs):
             shift = shift + bn.bias
         shape = (-1,) + (1,) * (conv.weight.dim() - 1)
         conv.weight.mul_(scale.view(shape).to(conv.weight.dtype))
+        if "compensation" in conv._buffers:  # a CompensatedConv: its border term scales too
+            conv.compensation.mul_(scale.view(shape).to(conv.compensation.dtype))
         if conv.bias is None:
             conv.bias = nn.Parameter(shift.to(conv.weight.dtype))
         else:

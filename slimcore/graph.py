@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._shapes import infer_shapes
-from .nn import PLAIN_BATCHNORM
+from .nn import LEAF_MODULES, PLAIN_BATCHNORM
 from .profile import layer_macs
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -212,7 +212,7 @@ class _Tracer(torch.fx.Tracer):
         self.failed_in = None  # innermost submodule being traced when tracing failed
 
     def is_leaf_module(self, m, qualname):
-        if type(m) in PLAIN_BATCHNORM or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
+        if type(m) in LEAF_MODULES or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -1,5 +1,12 @@
 """Modules that slimcore puts into models.
 
+``CompensatedConv1d/2d/3d``: a conv that also adds the response of its zero-padded input to a
+constant plane: what removed input channels that carried a constant (a pruned BN channel with
+gamma ~0 emits beta) contributed. Inside the image that is a per-channel bias; at the borders the
+zero padding makes it position dependent, so the pruner stores the folded kernel
+``compensation`` (out_channels, 1, *kernel) and the forward adds conv(ones, compensation):
+exact at any input size, for 1/in_channels of the conv's cost.
+
 ``SelectedBatchNorm1d/2d/3d``: a BatchNorm that first keeps a subset of its input channels
 (``x.index_select(1, selected_index)``), then normalises them. The pruner turns a selection BN
 (one reading a tensor that other layers also read, e.g. pre-activation ResNet's ``bn1`` on the
@@ -13,6 +20,9 @@ them) with the same state_dict keys plus ``selected_index``, and script, trace a
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+__all__ = ["SelectedBatchNorm1d", "SelectedBatchNorm2d", "SelectedBatchNorm3d", "CompensatedConv1d",
+           "CompensatedConv2d", "CompensatedConv3d", "set_input_selection", "set_compensation"]
 
 
 class _SelectInput:
@@ -82,3 +92,50 @@ def set_input_selection(bn, selected_index):
     bn.__class__ = SELECTED_BATCHNORM[base]
     bn.register_buffer("selected_index", selected_index.to(device=bn.weight.device, dtype=torch.long))
     return bn
+
+
+class CompensatedConv1d(nn.Conv1d):
+    compensation: Tensor
+
+    def forward(self, input: Tensor) -> Tensor:
+        ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
+        extra = F.conv1d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
+        return self._conv_forward(input, self.weight, self.bias) + extra
+
+
+class CompensatedConv2d(nn.Conv2d):
+    compensation: Tensor
+
+    def forward(self, input: Tensor) -> Tensor:
+        ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
+        extra = F.conv2d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
+        return self._conv_forward(input, self.weight, self.bias) + extra
+
+
+class CompensatedConv3d(nn.Conv3d):
+    compensation: Tensor
+
+    def forward(self, input: Tensor) -> Tensor:
+        ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
+        extra = F.conv3d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
+        return self._conv_forward(input, self.weight, self.bias) + extra
+
+
+COMPENSATED_CONV = {nn.Conv1d: CompensatedConv1d, nn.Conv2d: CompensatedConv2d, nn.Conv3d: CompensatedConv3d}
+PLAIN_CONV = {v: k for k, v in COMPENSATED_CONV.items()}
+# slimcore's module classes: the pruner's tracer keeps them as leaves, like torch.nn's own.
+LEAF_MODULES = (*PLAIN_BATCHNORM, *PLAIN_CONV)
+
+
+def set_compensation(conv, kernel):
+    """Adds ``kernel`` (out_channels, 1, *kernel_size) to conv's border-exact compensation, turning
+    it into a CompensatedConv in place (module object, parameters and hooks unchanged)."""
+    base = PLAIN_CONV.get(type(conv), type(conv))
+    if base not in COMPENSATED_CONV or conv.padding_mode != "zeros":
+        raise TypeError(f"{type(conv).__name__} (padding_mode={conv.padding_mode!r}) takes no compensation map")
+    if type(conv) in PLAIN_CONV:
+        conv.compensation.add_(kernel.to(conv.compensation.dtype))
+        return conv
+    conv.__class__ = COMPENSATED_CONV[base]
+    conv.register_buffer("compensation", kernel.to(device=conv.weight.device, dtype=conv.weight.dtype).clone())
+    return conv

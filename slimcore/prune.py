@@ -23,7 +23,7 @@ from torch import nn
 from . import ops
 from .criteria import CRITERIA, atom_scores
 from .graph import analyze
-from .nn import set_input_selection
+from .nn import set_compensation, set_input_selection
 from .profile import _as_tuple, count_params
 
 SCOPES = ("global", "layer")
@@ -52,6 +52,9 @@ class PruneReport:
     notes: list = field(default_factory=list)
     seconds: float = 0.0
     dry_run: bool = False
+    compensated: dict = field(default_factory=dict)  # consumer -> number of dropped inputs folded into its bias
+    compensation_max_error: float = 0.0  # |pruned - dense with removed channels at their constants|, on the
+    compensation_mean_error: float = 0.0  # example inputs (nonzero only at padded conv borders)
 
     @property
     def channels_removed(self):
@@ -252,11 +255,11 @@ def _changes(plan):
         plan.selection is not None and not np.array_equal(plan.selection, plan.current_selection))
 
 
-def _new_counts(plan):
-    """(params, MAC factor) of the module after the plan."""
+def _new_counts(plan, add_bias=False):
+    """(params, MAC factor) of the module after the plan (add_bias: compensation gives it a bias)."""
     m = plan.module
     o, i = len(plan.out_keep), len(plan.in_keep)
-    bias = m.bias.numel() // max(plan.n_out, 1) * o if getattr(m, "bias", None) is not None else 0
+    bias = o if (getattr(m, "bias", None) is not None or add_bias) else 0
     if plan.kind in ("conv", "grouped_conv"):
         k = math.prod(m.kernel_size)
         return o * i * k + bias, (o / plan.n_out) * (i / plan.n_in)
@@ -316,11 +319,13 @@ def _apply(plan, optimizer):
     if plan.kind in ("conv", "grouped_conv"):
         _gather_param(m, "weight", out_idx, in_idx, optimizer)
         _gather_param(m, "bias", out_idx, None, optimizer)
+        _gather_param(m, "compensation", out_idx, None, optimizer)
         m.out_channels = len(plan.out_keep)
         m.in_channels = len(plan.in_keep) * m.groups
     elif plan.kind == "depthwise_conv":
         _gather_param(m, "weight", out_idx, None, optimizer)
         _gather_param(m, "bias", out_idx, None, optimizer)
+        _gather_param(m, "compensation", out_idx, None, optimizer)
         m.out_channels = m.in_channels = m.groups = len(plan.out_keep)
     elif plan.kind == "linear":
         _gather_param(m, "weight", out_idx, in_idx, optimizer)
@@ -336,6 +341,103 @@ def _apply(plan, optimizer):
     elif plan.kind == "prelu":
         _gather_param(m, "weight", out_idx, None, optimizer)
         m.num_parameters = len(plan.out_keep)
+
+
+# ---------------------------------------------------------------------------------------- compensation
+
+
+def _channel_dim(module):
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def _removed_inputs(plan):
+    """Dropped input channels of a consumer, in its input tensor's numbering."""
+    gone = np.ones(plan.n_in, dtype=bool)
+    gone[plan.in_keep] = False
+    local = np.flatnonzero(gone)
+    if plan.kind == "grouped_conv":  # the same local channels in every group
+        ci = plan.n_in
+        return (np.arange(plan.module.groups)[:, None] * ci + local[None, :]).reshape(-1)
+    return local
+
+
+@torch.no_grad()
+def _constant_run(model, inputs, removed_idx, consumers):
+    """One forward of the dense model in which every removed channel carries what it emits when
+    its gamma is ~0: its beta at a BatchNorm output (the BN of its running mean), 0 anywhere else.
+    Returns (output, {consumer: (mean value per dropped input channel, max deviation from it)})."""
+    handles, captured = [], {}
+    for name, idx in removed_idx.items():
+        m = model.get_submodule(name)
+        index = torch.as_tensor(idx, dtype=torch.long)
+        is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+        value = m.bias.detach()[index] if is_bn and m.bias is not None else None
+
+        def set_constant(mod, args, out, index=index, value=value, dim=_channel_dim(m)):
+            out = out.clone()
+            idx_dev = index.to(out.device)
+            if value is None:
+                return out.index_fill_(dim, idx_dev, 0.0)
+            shape = [1] * out.dim()
+            shape[dim] = len(index)
+            return out.index_copy_(dim, idx_dev, value.to(out.dtype).view(shape).expand_as(out.index_select(dim, idx_dev)))
+
+        handles.append(m.register_forward_hook(set_constant))
+    for plan, gone in consumers:
+        def capture(mod, args, plan=plan, gone=torch.as_tensor(gone, dtype=torch.long)):
+            x = args[0].index_select(_channel_dim(mod), gone.to(args[0].device)).double()
+            x = x.movedim(_channel_dim(mod), 0).reshape(len(gone), -1)
+            mean = x.mean(1)
+            captured[plan.name] = (mean, float((x - mean[:, None]).abs().max()) if x.numel() else 0.0)
+
+        handles.append(plan.module.register_forward_pre_hook(capture))
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return out, captured
+
+
+def _compensation_kernel(plan, gone, constant):
+    """What the dropped inputs, held at their constants, contribute: for a linear, a bias
+    W[:, gone] @ c; for a conv, the kernel sum_c W[:, c] * c_c (out, 1, *kernel), whose
+    response to a plane of ones is the contribution at every position."""
+    w = plan.module.weight.detach().double()
+    c = constant.to(w.device)
+    if plan.kind == "linear":
+        return w[:, gone] @ c
+    if plan.kind == "conv":
+        return torch.einsum("oi...,i->o...", w[:, gone], c).unsqueeze(1)
+    groups = plan.module.groups  # grouped: output o reads its group's local inputs
+    ci, co = plan.n_in, plan.n_out // groups
+    local = gone.reshape(groups, -1) - (np.arange(groups) * ci)[:, None]
+    c = c.reshape(groups, -1)
+    return torch.cat([torch.einsum("oi...,i->o...", w[k * co:(k + 1) * co][:, local[k]], c[k])
+                      for k in range(groups)]).unsqueeze(1)
+
+
+def _needs_map(module):
+    """A zero-padded conv: the constant's contribution shrinks at the borders, so a bias is not
+    exact. (Unpadded convs see the constant everywhere; reflect/replicate/circular padding of a
+    constant plane is the same constant.)"""
+    padding = module.padding
+    padded = padding == "same" or (not isinstance(padding, str) and any(p > 0 for p in padding))
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode == "zeros" and padded
+
+
+def _compensate(plan, kernel):
+    m = plan.module
+    if plan.kind != "linear" and _needs_map(m):
+        set_compensation(m, kernel)
+        return
+    delta = kernel if plan.kind == "linear" else kernel.flatten(1).sum(1)
+    if m.bias is None:
+        m.bias = nn.Parameter(torch.zeros(plan.n_out, dtype=m.weight.dtype, device=m.weight.device))
+    m.bias.add_(delta.to(m.bias.dtype))
 
 
 def _module_names(model, items):
@@ -358,7 +460,7 @@ def _module_names(model, items):
 
 
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
-          ignore=(), optimizer=None, *, dry_run=False, history=None, seed=0, leaf_modules=()):
+          ignore=(), optimizer=None, *, compensate=True, dry_run=False, history=None, seed=0, leaf_modules=()):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -379,6 +481,13 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         optimizer: its state (momentum, Adam moments) is compacted along with the parameters,
             which keep their identity, so training can continue. Compaction is in place: any
             other reference to those state tensors (e.g. an un-copied ``state_dict()``) shrinks too.
+        compensate: a removed channel whose gamma is ~0 still emits a constant (its beta, through
+            the activation) into the next layers; fold that constant into each consuming conv or
+            linear's bias (adding a bias where there is none; an optimizer does not know a new
+            bias). Exact for linear, 1x1 and unpadded convs; padded convs get the interior value,
+            and the remaining deviation on example_inputs is in the report. With
+            ``compensate=False`` the pruned model equals the dense model with the ``removed``
+            channels zeroed instead.
         dry_run: only compute the report.
         history: a ``slimcore.FilterHistory`` for criterion "hbfp".
         seed: for criterion "random".
@@ -394,30 +503,56 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     kept_atom = ~removed[classes.of_atom]
     plans = _plans(graph, kept_atom)
 
-    params_before = count_params(model)
-    flops_before = sum(graph.macs.values())
-    params_after, flops_after = params_before, flops_before
     channels, removed_idx = {}, {}
     for plan in plans:
         if plan.kind == "prelu":
             continue
         channels[plan.name] = (plan.n_out, len(plan.out_keep))
-        if not _changes(plan):
-            continue
-        new_params, mac_factor = _new_counts(plan)
-        params_after += new_params - _own_params(plan.module)
-        macs = graph.macs.get(plan.name, 0)
-        flops_after += round(macs * mac_factor) - macs
         if len(plan.out_keep) < plan.n_out:
             gone = np.ones(plan.n_out, dtype=bool)
             gone[plan.out_keep] = False
             removed_idx[plan.name] = np.flatnonzero(gone).tolist()
 
+    # Compensation: the constants the dropped inputs of each surviving consumer carry.
+    deltas, target = {}, None
+    if compensate and removed_idx:
+        consumers = [(plan, _removed_inputs(plan)) for plan in plans
+                     if plan.kind in ("conv", "grouped_conv", "linear") and len(plan.in_keep) < plan.n_in
+                     and len(plan.out_keep) > 0]
+        target, captured = _constant_run(model, inputs, removed_idx, consumers)
+        for plan, gone in consumers:
+            constant, _ = captured.get(plan.name, (None, 0.0))
+            if constant is not None and bool(constant.abs().gt(0).any()):
+                deltas[plan.name] = _compensation_kernel(plan, gone, constant)
+
+    params_before = count_params(model)
+    flops_before = sum(graph.macs.values())
+    params_after, flops_after = params_before, flops_before
+    for plan in plans:
+        if not _changes(plan):
+            continue
+        add_bias = (plan.name in deltas and getattr(plan.module, "bias", None) is None
+                    and (plan.kind == "linear" or not _needs_map(plan.module)))
+        new_params, mac_factor = _new_counts(plan, add_bias)
+        params_after += new_params - _own_params(plan.module)
+        macs = graph.macs.get(plan.name, 0)
+        flops_after += round(macs * mac_factor) - macs
+
+    max_error = mean_error = 0.0
     if not dry_run:
         with torch.no_grad():
             for plan in plans:
+                if plan.name in deltas:
+                    _compensate(plan, deltas[plan.name])
+            for plan in plans:
                 if _changes(plan):
                     _apply(plan, optimizer)
+            if target is not None:
+                was_training = model.training
+                model.eval()
+                diff = (model(*inputs) - target).abs()
+                model.train(was_training)
+                max_error, mean_error = float(diff.max()), float(diff.mean())
     notes = list(graph.notes)
     unscored = int((~classes.frozen & ~np.isfinite(classes.score)).sum())
     if unscored:
@@ -426,6 +561,9 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         ratio=ratio, criterion=criterion, scope=scope, params_before=params_before, params_after=params_after,
         flops_before=flops_before, flops_after=flops_after, channels=channels, removed=removed_idx,
         threshold=threshold, notes=notes, seconds=time.perf_counter() - start, dry_run=dry_run,
+        compensated={name: int(len(_removed_inputs(next(pl for pl in plans if pl.name == name))))
+                     for name in deltas},
+        compensation_max_error=max_error, compensation_mean_error=mean_error,
     )
 
 
@@ -442,6 +580,8 @@ def channel_config(model):
         if isinstance(m, _SHAPED):
             entry = {a: int(getattr(m, a)) for a in _ATTRS if hasattr(m, a)}
             entry["selected"] = "selected_index" in m._buffers
+            entry["compensated"] = "compensation" in m._buffers
+            entry["bias"] = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and m.bias is not None
             config[name] = entry
     return config
 
@@ -482,12 +622,16 @@ def load_pruned(path, build_fn=None, map_location="cpu"):
             m = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: module '{name}' does not exist in the model build_fn() returned") from None
+        prefix = f"{name}." if name else ""
         if entry.get("selected"):
-            set_input_selection(m, state[f"{name}.selected_index"])
+            set_input_selection(m, state[f"{prefix}selected_index"])
+        if entry.get("compensated"):
+            set_compensation(m, torch.zeros_like(state[f"{prefix}compensation"]))
+        if entry.get("bias") and m.bias is None:  # compensation added a bias
+            m.bias = nn.Parameter(torch.zeros_like(state[f"{prefix}bias"]))
         for a in _ATTRS:
             if a in entry:
                 setattr(m, a, entry[a])
-        prefix = f"{name}." if name else ""
         with torch.no_grad():
             for pname, p in list(m.named_parameters(recurse=False)):
                 p.data = torch.empty_like(p, memory_format=torch.contiguous_format).resize_(state[prefix + pname].shape)
