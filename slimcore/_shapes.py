@@ -31,6 +31,12 @@ _SAME_SHAPE_MODULES = (
     nn.modules.batchnorm._BatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
     nn.GroupNorm,
 )
+
+
+def _same_shape_module(m):
+    from .nn import ResidualConstant
+
+    return isinstance(m, (_SAME_SHAPE_MODULES, ResidualConstant))
 _SAME_SHAPE_FUNCTIONS = {
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.hardswish, F.mish, F.hardtanh,
     F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.softsign, torch.relu, torch.relu_, torch.tanh,
@@ -92,7 +98,7 @@ def _module(m, shape):
         if shape[-1] != m.in_features:
             raise _Unknown
         return Shape((*shape[:-1], m.out_features))
-    if isinstance(m, _SAME_SHAPE_MODULES):
+    if _same_shape_module(m):
         return shape
     if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
         return _pool(shape, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)

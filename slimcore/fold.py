@@ -11,11 +11,7 @@ import torch
 from torch import nn
 
 from .graph import analyze
-
-
-def _parent(model, name):
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr
+from .prune import parent_module
 
 
 @torch.no_grad()
@@ -48,7 +44,7 @@ def fold_bn(model, example_inputs):
             conv.bias = nn.Parameter(shift.to(conv.weight.dtype))
         else:
             conv.bias.mul_(scale.to(conv.bias.dtype)).add_(shift.to(conv.bias.dtype))
-        parent, attr = _parent(model, mc.name)
+        parent, attr = parent_module(model, mc.name)
         setattr(parent, attr, nn.Identity())
         folded.append(mc.name)
     return folded

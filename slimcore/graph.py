@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._shapes import infer_shapes
-from .nn import LEAF_MODULES, PLAIN_BATCHNORM
+from .nn import LEAF_MODULES, PLAIN_BATCHNORM, ResidualConstant
 from .profile import layer_macs
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -115,7 +115,7 @@ class ModuleChannels:
 
     name: str
     module: nn.Module
-    kind: str  # conv | grouped_conv | depthwise_conv | linear | bn | selection_bn | prelu
+    kind: str  # conv | grouped_conv | depthwise_conv | linear | bn | selection_bn | prelu | residual_constant
     in_atoms: np.ndarray
     out_atoms: np.ndarray
     source_atoms: np.ndarray = None  # BN: the input atom each output channel normalises
@@ -132,6 +132,7 @@ class ChannelGraph:
     selection_parent: dict = field(default_factory=dict)  # selection-BN atom -> its input atom
     notes: list = field(default_factory=list)  # why channels were frozen
     macs: dict = field(default_factory=dict)  # conv/linear module name -> MACs per sample (profile.py rules)
+    residual_blocks: list = field(default_factory=list)  # ResidualBlock: submodules computing x + branch(x)
     _owner: list = field(default_factory=list)  # per new_atoms call: (owner id, count)
     _owner_ids: dict = field(default_factory=dict)  # module name -> owner id
     _frozen: list = field(default_factory=list)  # arrays of frozen atoms
@@ -199,6 +200,17 @@ def connected_components(n, edges):
             if np.array_equal(jumped, labels):
                 break
             labels = jumped
+
+
+@dataclass
+class ResidualBlock:
+    """A submodule whose output is its input plus a branch computed inside it (an identity shortcut),
+    as in pre-activation ResNets. If the branch's channels all go, the block is x + constant."""
+
+    name: str
+    stream_atoms: np.ndarray  # channels of the block's input and output
+    last: str  # the module (conv, linear or its BN) producing the branch's output
+    last_exact: bool  # that conv's response to constant inputs is a per-channel constant (no zero padding)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -332,7 +344,45 @@ class _Analysis:
                         self.graph.freeze(self.info[src].atoms, f"'{src.name}' is a model output")
             if node in self.info and self.info[node] is None:
                 del self.info[node]
+        self.find_residual_blocks()
         return self.graph
+
+    def find_residual_blocks(self):
+        """Additions that are a submodule's output, of the submodule's input and a branch inside it."""
+
+        def stack(node):
+            return list((node.meta.get("nn_module_stack") or {}).keys())
+
+        for node in self.fx_graph.nodes:
+            if node.op != "call_function" or node.target not in (operator.add, torch.add) or node not in self.info:
+                continue
+            path = stack(node)
+            if not path:
+                continue
+            block = path[-1]
+            operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            inside = [a for a in operands if block in stack(a)]
+            outside = [a for a in operands if block not in stack(a)]
+            if len(inside) != 1 or len(outside) != 1 or any(block in stack(u) for u in node.users):
+                continue
+            # Everything inside the block must depend only on the shortcut input.
+            members = [n for n in self.fx_graph.nodes if block in stack(n) and n is not node]
+            if any(a not in members and a is not outside[0] and a.op != "get_attr"
+                   for n in members for a in n.all_input_nodes):
+                continue
+            last = inside[0]
+            while last.op != "call_module" and last.all_input_nodes and last.target in _ZERO_PRESERVING_FUNCTIONS:
+                last = last.all_input_nodes[0]
+            last_module = self.modules.get(last.target) if last.op == "call_module" else None
+            if isinstance(last_module, _BATCHNORMS) and last.all_input_nodes:  # conv -> BN ends the branch
+                producer = last.all_input_nodes[0]
+                last_module = self.modules.get(producer.target) if producer.op == "call_module" else None
+            if not isinstance(last_module, (*_CONVS, nn.Linear)):
+                continue
+            padding = getattr(last_module, "padding", (0,))
+            padded = padding == "same" or (not isinstance(padding, str) and any(p > 0 for p in padding))
+            exact = not (padded and getattr(last_module, "padding_mode", "zeros") == "zeros")
+            self.graph.residual_blocks.append(ResidualBlock(block, self.info[node].atoms, last.target, exact))
 
     def call_module(self, node):
         name = node.target
@@ -351,6 +401,11 @@ class _Analysis:
             return self.linear(node, name, m, inp)
         if isinstance(m, _BATCHNORMS):
             return self.batchnorm(node, name, m, src, inp)
+        if isinstance(m, ResidualConstant):  # x + c per channel: f(0) != 0 where c != 0
+            if inp is None or inp.dim != 1:
+                return self.opaque(node, f"'{name}' reads an untracked tensor")
+            self.register(name, m, "residual_constant", inp.atoms, inp.atoms)
+            return ChannelInfo(inp.atoms, inp.taint | (m.constant.detach().cpu().numpy() != 0), 1)
         if isinstance(m, nn.PReLU):
             if inp is None:
                 return self.opaque(node, f"'{name}' reads an untracked tensor")

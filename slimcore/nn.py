@@ -7,6 +7,8 @@ zero padding makes it position dependent, so the pruner stores the folded kernel
 ``compensation`` (out_channels, 1, *kernel) and the forward adds conv(ones, compensation):
 exact at any input size, for 1/in_channels of the conv's cost.
 
+``ResidualConstant``: what a residual block becomes when its whole branch is pruned: x + c.
+
 ``SelectedBatchNorm1d/2d/3d``: a BatchNorm that first keeps a subset of its input channels
 (``x.index_select(1, selected_index)``), then normalises them. The pruner turns a selection BN
 (one reading a tensor that other layers also read, e.g. pre-activation ResNet's ``bn1`` on the
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SelectedBatchNorm1d", "SelectedBatchNorm2d", "SelectedBatchNorm3d", "CompensatedConv1d",
-           "CompensatedConv2d", "CompensatedConv3d", "set_input_selection", "set_compensation"]
+           "CompensatedConv2d", "CompensatedConv3d", "ResidualConstant", "set_input_selection", "set_compensation"]
 
 
 class _SelectInput:
@@ -123,8 +125,27 @@ class CompensatedConv3d(nn.Conv3d):
 
 COMPENSATED_CONV = {nn.Conv1d: CompensatedConv1d, nn.Conv2d: CompensatedConv2d, nn.Conv3d: CompensatedConv3d}
 PLAIN_CONV = {v: k for k, v in COMPENSATED_CONV.items()}
+class ResidualConstant(nn.Module):
+    """What a residual block x + branch(x) becomes when the pruner removes its whole branch: the
+    branch's output no longer depends on x (its channels were dead), so the block is x plus that
+    constant, per channel."""
+
+    constant: Tensor
+
+    def __init__(self, constant):
+        super().__init__()
+        self.register_buffer("constant", constant.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x + self.constant.view(shape).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{len(self.constant)} channels"
+
+
 # slimcore's module classes: the pruner's tracer keeps them as leaves, like torch.nn's own.
-LEAF_MODULES = (*PLAIN_BATCHNORM, *PLAIN_CONV)
+LEAF_MODULES = (*PLAIN_BATCHNORM, *PLAIN_CONV, ResidualConstant)
 
 
 def set_compensation(conv, kernel):

@@ -23,7 +23,7 @@ from torch import nn
 from . import ops
 from .criteria import CRITERIA, atom_scores
 from .graph import analyze
-from .nn import set_compensation, set_input_selection
+from .nn import ResidualConstant, set_compensation, set_input_selection
 from .profile import _as_tuple, count_params
 
 SCOPES = ("global", "layer")
@@ -55,6 +55,7 @@ class PruneReport:
     compensated: dict = field(default_factory=dict)  # consumer -> number of dropped inputs folded into its bias
     compensation_max_error: float = 0.0  # |pruned - dense with removed channels at their constants|, on the
     compensation_mean_error: float = 0.0  # example inputs (nonzero only at padded conv borders)
+    collapsed: list = field(default_factory=list)  # residual blocks replaced by x + constant
 
     @property
     def channels_removed(self):
@@ -166,13 +167,14 @@ def _round_up(k, multiplicity, round_to, n):
     return min(n, -(-k // step) * step)
 
 
-def _restore(classes, removed, groups, round_to, min_channels, allowed):
-    """Per layer: put back the best removed classes until min_channels and round_to hold."""
+def _restore(classes, removed, groups, round_to, min_channels, allowed, max_layer_ratio=1.0):
+    """Per layer: put back the best removed classes until min_channels, max_layer_ratio and
+    round_to hold."""
     for layer, members in groups.items():
         m = int(classes.multiplicity[members[0]])
         n = len(members)
         kept = int((~removed[members]).sum())
-        need = max(kept, min(n, -(-min_channels // m)))
+        need = max(kept, min(n, -(-min_channels // m)), n - int(math.floor(max_layer_ratio * n)))
         need = _round_up(need, m, round_to, n)
         if need <= kept:
             continue
@@ -181,8 +183,13 @@ def _restore(classes, removed, groups, round_to, min_channels, allowed):
         removed[back] = False
 
 
-def decide(classes, ratio, scope, round_to, min_channels):
-    """Boolean array: class removed. Returns (removed, threshold)."""
+def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, blocks=()):
+    """Boolean array: class removed. Returns (removed, threshold, collapsed block names).
+
+    ``blocks``: [(name, internal class ids)] of residual blocks that may collapse: if the
+    threshold empties any layer inside a block's branch, the whole branch goes (the block becomes
+    x + constant) instead of min_channels keeping a sliver of it.
+    """
     removed = np.zeros(classes.n, dtype=bool)
     threshold = None
     if scope == "global":
@@ -192,8 +199,18 @@ def decide(classes, ratio, scope, round_to, min_channels):
             k = int(math.floor(ratio * len(members)))
             order = members[np.argsort(classes.score[members], kind="stable")]
             removed[order[:k]] = True
-    base = ~classes.is_selection
-    _restore(classes, removed, classes.layers(base), round_to, min_channels, classes.candidate)
+    collapsed = []
+    for name, internal in blocks:
+        layers = classes.layers(np.isin(np.arange(classes.n), internal))
+        if any(removed[members].all() for members in layers.values()):
+            removed[internal] = True
+            collapsed.append(name)
+    protected = np.zeros(classes.n, dtype=bool)  # inside a collapsed block: no sliver to keep
+    for name, internal in blocks:
+        if name in collapsed:
+            protected[internal] = True
+    base = ~classes.is_selection & ~protected
+    _restore(classes, removed, classes.layers(base), round_to, min_channels, classes.candidate, max_layer_ratio)
     # A selection channel goes when its input channel goes (to a fixed point: selections can chain).
     forced = np.zeros(classes.n, dtype=bool)
     while True:
@@ -202,8 +219,33 @@ def decide(classes, ratio, scope, round_to, min_channels):
             break
         removed[classes.sel_class[newly]] = True
         forced[classes.sel_class[newly]] = True
-    _restore(classes, removed, classes.layers(classes.is_selection), round_to, min_channels, classes.candidate & ~forced)
-    return removed, threshold
+    _restore(classes, removed, classes.layers(classes.is_selection & ~protected), round_to, min_channels,
+             classes.candidate & ~forced, max_layer_ratio)
+    return removed, threshold, collapsed
+
+
+def _collapsible_blocks(graph, classes, compensate):
+    """[(block name, internal class ids)] of residual blocks whose branch may be removed: its
+    classes live only inside the block, none is frozen, and the branch's output without them is a
+    per-channel constant (with compensation, that needs a last conv without zero padding)."""
+    owner, names = graph.owner, graph.owner_names
+    stream = set(np.unique(classes.of_atom[np.concatenate([b.stream_atoms for b in graph.residual_blocks])]).tolist()) \
+        if graph.residual_blocks else set()
+    blocks = []
+    for block in graph.residual_blocks:
+        if compensate and not block.last_exact:
+            continue
+        inside_ids = [i for i, n in enumerate(names) if n.startswith(block.name + ".")]
+        inside = np.isin(owner, inside_ids)
+        internal = np.unique(classes.of_atom[inside])
+        internal = np.array([c for c in internal.tolist() if c not in stream], dtype=np.int64)
+        if len(internal) == 0:
+            continue
+        touches = np.isin(classes.of_atom, internal)
+        if (touches & ~inside).any() or classes.frozen[internal].any() or not classes.candidate[internal].all():
+            continue
+        blocks.append((block.name, internal))
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------- the plan
@@ -272,6 +314,8 @@ def _new_counts(plan, add_bias=False):
         return (2 * o if m.affine else 0), 1.0
     if plan.kind == "prelu":
         return o, 1.0
+    if plan.kind == "residual_constant":
+        return 0, 1.0
     raise AssertionError(plan.kind)
 
 
@@ -341,6 +385,8 @@ def _apply(plan, optimizer):
     elif plan.kind == "prelu":
         _gather_param(m, "weight", out_idx, None, optimizer)
         m.num_parameters = len(plan.out_keep)
+    elif plan.kind == "residual_constant":
+        _gather_param(m, "constant", out_idx, None, optimizer)
 
 
 # ---------------------------------------------------------------------------------------- compensation
@@ -362,16 +408,26 @@ def _removed_inputs(plan):
 
 
 @torch.no_grad()
-def _constant_run(model, inputs, removed_idx, consumers):
+def _constant_run(model, inputs, removed_idx, consumers, blocks=(), betas=True):
     """One forward of the dense model in which every removed channel carries what it emits when
-    its gamma is ~0: its beta at a BatchNorm output (the BN of its running mean), 0 anywhere else.
-    Returns (output, {consumer: (mean value per dropped input channel, max deviation from it)})."""
-    handles, captured = [], {}
+    its gamma is ~0: its beta at a BatchNorm output (the BN of its running mean), 0 anywhere else
+    (with betas=False: 0 everywhere, the zeroing semantics). Returns (output, {consumer: (mean
+    value per dropped input channel, max deviation from it)}, {block: its output minus its input,
+    per channel})."""
+    handles, captured, block_constants = [], {}, {}
+    for name in blocks:
+        block = model.get_submodule(name)
+
+        def block_delta(mod, args, out, name=name):
+            delta = (out - args[0]).double().movedim(1, 0).reshape(out.shape[1], -1)
+            block_constants[name] = delta.mean(1)
+
+        handles.append(block.register_forward_hook(block_delta))
     for name, idx in removed_idx.items():
         m = model.get_submodule(name)
         index = torch.as_tensor(idx, dtype=torch.long)
         is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
-        value = m.bias.detach()[index] if is_bn and m.bias is not None else None
+        value = m.bias.detach()[index] if betas and is_bn and m.bias is not None else None
 
         def set_constant(mod, args, out, index=index, value=value, dim=_channel_dim(m)):
             out = out.clone()
@@ -399,7 +455,7 @@ def _constant_run(model, inputs, removed_idx, consumers):
         model.train(was_training)
         for h in handles:
             h.remove()
-    return out, captured
+    return out, captured, block_constants
 
 
 def _compensation_kernel(plan, gone, constant):
@@ -440,6 +496,12 @@ def _compensate(plan, kernel):
     m.bias.add_(delta.to(m.bias.dtype))
 
 
+def parent_module(model, name):
+    """(parent module, attribute name) of the submodule called ``name``."""
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
 def _module_names(model, items):
     if not items:
         return set()
@@ -460,7 +522,8 @@ def _module_names(model, items):
 
 
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
-          ignore=(), optimizer=None, *, compensate=True, dry_run=False, history=None, seed=0, leaf_modules=()):
+          ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
+          history=None, seed=0, leaf_modules=()):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -476,6 +539,13 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             of its channels).
         round_to: keep channel counts multiples of this (by keeping more, never fewer).
         min_channels: no layer keeps fewer channels than this.
+        max_layer_ratio: no layer loses more than this share of its channels (1.0: no limit).
+        collapse_blocks: when the threshold would empty a layer inside a residual block's branch
+            (x + branch(x), the block's own output, as in pre-activation ResNets), remove the whole
+            branch and replace the block by ``slimcore.nn.ResidualConstant`` (x + the branch's
+            constant output) instead of keeping a ``min_channels`` sliver of it. Exact when the
+            branch's channels are dead; with compensation, only for branches whose last conv has
+            no zero padding (a bottleneck's 1x1), where that constant is per channel.
         ignore: modules (or names) whose channels stay as they are. The model's outputs (e.g.
             the classifier's logits) always stay.
         optimizer: its state (momentum, Adam moments) is compacted along with the parameters,
@@ -495,17 +565,22 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     """
     start = time.perf_counter()
     _check_args(ratio, criterion, scope, round_to, min_channels)
+    if not (isinstance(max_layer_ratio, (int, float)) and 0.0 < max_layer_ratio <= 1.0):
+        raise ValueError(f"slimcore.prune: max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
     inputs = _as_tuple(example_inputs)
     graph = analyze(model, inputs, ignore=_module_names(model, ignore), leaf_modules=leaf_modules)
     scores = atom_scores(graph, criterion, history=history, seed=seed)
     classes = _Classes(graph, scores)
-    removed, threshold = decide(classes, ratio, scope, round_to, min_channels)
+    blocks = _collapsible_blocks(graph, classes, compensate) if collapse_blocks else []
+    removed, threshold, collapsed = decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio, blocks)
     kept_atom = ~removed[classes.of_atom]
     plans = _plans(graph, kept_atom)
+    in_collapsed = {plan.name for plan in plans if any(plan.name.startswith(b + ".") for b in collapsed)}
+    stream_of = {b.name: b.stream_atoms for b in graph.residual_blocks}
 
     channels, removed_idx = {}, {}
     for plan in plans:
-        if plan.kind == "prelu":
+        if plan.kind in ("prelu", "residual_constant"):
             continue
         channels[plan.name] = (plan.n_out, len(plan.out_keep))
         if len(plan.out_keep) < plan.n_out:
@@ -513,13 +588,15 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             gone[plan.out_keep] = False
             removed_idx[plan.name] = np.flatnonzero(gone).tolist()
 
-    # Compensation: the constants the dropped inputs of each surviving consumer carry.
-    deltas, target = {}, None
-    if compensate and removed_idx:
+    # Compensation: the constants the dropped inputs of each surviving consumer carry; and the
+    # constant output of every collapsed block's branch.
+    deltas, target, block_constants = {}, None, {}
+    if (compensate and removed_idx) or collapsed:
         consumers = [(plan, _removed_inputs(plan)) for plan in plans
                      if plan.kind in ("conv", "grouped_conv", "linear") and len(plan.in_keep) < plan.n_in
-                     and len(plan.out_keep) > 0]
-        target, captured = _constant_run(model, inputs, removed_idx, consumers)
+                     and len(plan.out_keep) > 0 and plan.name not in in_collapsed] if compensate else []
+        target, captured, block_constants = _constant_run(model, inputs, removed_idx, consumers, collapsed,
+                                                          betas=compensate)
         for plan, gone in consumers:
             constant, _ = captured.get(plan.name, (None, 0.0))
             if constant is not None and bool(constant.abs().gt(0).any()):
@@ -528,8 +605,12 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     params_before = count_params(model)
     flops_before = sum(graph.macs.values())
     params_after, flops_after = params_before, flops_before
+    for name in collapsed:  # the whole block goes; a constant buffer replaces it
+        block = model.get_submodule(name)
+        params_after -= sum(p.numel() for p in block.parameters())
+        flops_after -= sum(m for n, m in graph.macs.items() if n.startswith(name + "."))
     for plan in plans:
-        if not _changes(plan):
+        if not _changes(plan) or plan.name in in_collapsed:
             continue
         add_bias = (plan.name in deltas and getattr(plan.module, "bias", None) is None
                     and (plan.kind == "linear" or not _needs_map(plan.module)))
@@ -545,9 +626,14 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                 if plan.name in deltas:
                     _compensate(plan, deltas[plan.name])
             for plan in plans:
-                if _changes(plan):
+                if _changes(plan) and plan.name not in in_collapsed:
                     _apply(plan, optimizer)
-            if target is not None:
+            for name in collapsed:
+                keep = torch.as_tensor(np.flatnonzero(kept_atom[stream_of[name]]), dtype=torch.long)
+                constant = block_constants[name][keep].to(next(model.get_submodule(name).parameters()).dtype)
+                parent, attr = parent_module(model, name)
+                setattr(parent, attr, ResidualConstant(constant))
+            if target is not None and compensate:
                 was_training = model.training
                 model.eval()
                 diff = (model(*inputs) - target).abs()
@@ -563,7 +649,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         threshold=threshold, notes=notes, seconds=time.perf_counter() - start, dry_run=dry_run,
         compensated={name: int(len(_removed_inputs(next(pl for pl in plans if pl.name == name))))
                      for name in deltas},
-        compensation_max_error=max_error, compensation_mean_error=mean_error,
+        compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed,
     )
 
 
@@ -577,7 +663,9 @@ def channel_config(model):
     """{module name: its channel attributes} for every conv, linear, BN and PReLU."""
     config = {}
     for name, m in model.named_modules():
-        if isinstance(m, _SHAPED):
+        if isinstance(m, ResidualConstant):
+            config[name] = {"residual_constant": len(m.constant)}
+        elif isinstance(m, _SHAPED):
             entry = {a: int(getattr(m, a)) for a in _ATTRS if hasattr(m, a)}
             entry["selected"] = "selected_index" in m._buffers
             entry["compensated"] = "compensation" in m._buffers
@@ -617,7 +705,13 @@ def load_pruned(path, build_fn=None, map_location="cpu"):
 
     model = build_fn()
     state = ckpt["state_dict"]
+    for name, entry in ckpt["config"].items():  # collapsed residual blocks first: they remove submodules
+        if "residual_constant" in entry:
+            parent, attr = parent_module(model, name)
+            setattr(parent, attr, ResidualConstant(torch.zeros(entry["residual_constant"])))
     for name, entry in ckpt["config"].items():
+        if "residual_constant" in entry:
+            continue
         try:
             m = model.get_submodule(name)
         except AttributeError:
