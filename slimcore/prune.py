@@ -35,8 +35,9 @@ class PruneReport:
 
     ``flops_*`` are multiply-accumulates per sample of conv and linear layers (slimcore.profile's
     convention); ``channels`` maps every conv, linear and BN to its (before, after) output channel
-    count; ``removed`` maps every module whose output channels shrank to the removed indices, in
-    that module's original numbering.
+    count (after = 0: the module went with a collapsed residual block); ``removed`` maps every
+    module whose output channels shrank to the removed indices, in that module's original
+    numbering.
     """
 
     ratio: float
@@ -582,7 +583,8 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     for plan in plans:
         if plan.kind in ("prelu", "residual_constant"):
             continue
-        channels[plan.name] = (plan.n_out, len(plan.out_keep))
+        # Modules of a collapsed block disappear: 0 channels left.
+        channels[plan.name] = (plan.n_out, 0 if plan.name in in_collapsed else len(plan.out_keep))
         if len(plan.out_keep) < plan.n_out:
             gone = np.ones(plan.n_out, dtype=bool)
             gone[plan.out_keep] = False

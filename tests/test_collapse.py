@@ -68,7 +68,8 @@ def test_dead_branches_become_exact_identities(compensate):
     with torch.no_grad():
         want, got = dense(X), model(X)
     if compensate:  # the branches emitted constants: x + c reproduces the dense model
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # 54 random blocks grow the logits to ~1e4: compare at fp32 precision of that scale.
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     assert (report.flops_after, report.params_after) == slimcore.profile(model, X)
     assert min(widths(model)) >= 1
 
