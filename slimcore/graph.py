@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._shapes import infer_shapes
-from .nn import PLAIN_BATCHNORM
+from .nn import PLAIN_BATCHNORM, SELECTED_BATCHNORM
 from .profile import layer_macs
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 # Selection (dropping a BN's output channels while its input stays) needs a SelectedBatchNorm class.
-_SELECTABLE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, *PLAIN_BATCHNORM)
+_SELECTABLE_BATCHNORMS = (*SELECTED_BATCHNORM, *PLAIN_BATCHNORM)  # incl. SlimBatchNorm1d/2d
 
 # Element-wise modules with f(0) = 0: any layout, channels pass through.
 _ZERO_PRESERVING_MODULES = (
@@ -212,7 +212,7 @@ class _Tracer(torch.fx.Tracer):
         self.failed_in = None  # innermost submodule being traced when tracing failed
 
     def is_leaf_module(self, m, qualname):
-        if type(m) in PLAIN_BATCHNORM or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
+        if type(m) in _SELECTABLE_BATCHNORMS or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
             return True
         return super().is_leaf_module(m, qualname)
 
