@@ -15,9 +15,19 @@ benchmarks/results/kernels-<device>.json (or --out).
 
     python benchmarks/kernels.py                      # CPU (and CUDA if visible), all models
     python benchmarks/kernels.py --device cuda --modes subgradient
+
+--bn times the fused BatchNorm instead (see bn_main): forward + backward + penalty of one
+SlimBatchNorm2d against nn.BatchNorm2d (ATen / cuDNN) forward + backward followed by the separate
+penalty step (SparseBNStep on that layer), for every BatchNorm input shape of VGG-19 and
+ResNet-164 at CIFAR size (batch 64) and torchvision resnet50 at 224 (batch 32), NCHW and
+channels_last, float32 and bfloat16. Results go to benchmarks/results/bn-<device>.json.
+
+    python benchmarks/kernels.py --bn --device cpu
+    python benchmarks/kernels.py --bn --device cuda --bn-models resnet50 --bn-dtypes bfloat16
 """
 
 import argparse
+import collections
 import os
 import sys
 
@@ -169,6 +179,135 @@ def check_agreement(model, fns, mode):
     reset_state(model)
 
 
+# ------------------------------------------------------------------------------- fused BatchNorm
+
+BN_MODELS = {  # name: (batch, input size)
+    "vgg19": (64, 32),
+    "resnet164": (64, 32),
+    "resnet50": (32, 224),
+}
+BN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def bn_shapes(name):
+    """Counter of the (N, C, H, W) inputs of the model's BatchNorm2d layers (one batch-1 forward)."""
+    batch, size = BN_MODELS[name]
+    if name == "vgg19":
+        model = slimcore.models.build("vgg19")
+    elif name == "resnet164":
+        model = slimcore.models.build("preresnet164")
+    else:
+        import torchvision
+
+        model = torchvision.models.resnet50()
+    shapes = collections.Counter()
+
+    def hook(module, args):
+        shapes[(batch,) + tuple(args[0].shape[1:])] += 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return shapes
+
+
+def bn_candidates(shape, fmt, dtype, device):
+    """{name: fn}: one training step's BatchNorm work on `shape` (forward, backward, penalty).
+
+    Activations have `dtype`; parameters and running statistics stay float32 (how bf16 training
+    runs under autocast). Both modules start from the same state; both compute grad_input."""
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    plain = nn.BatchNorm2d(shape[1]).to(device)
+    fused = slimcore.SlimBatchNorm2d(shape[1], penalty="l1", lam=LAM).to(device)
+    fused.load_state_dict(plain.state_dict())
+    step = slimcore.SparseBNStep([plain.weight], lam=LAM, penalty="l1")
+
+    def run(module, after=None):
+        def fn():
+            x.grad = None
+            module.weight.grad = None
+            module.bias.grad = None
+            module(x).backward(dy)
+            if after is not None:
+                after()
+        return fn
+
+    return {"nn + step": run(plain, step), "slimcore": run(fused)}, (x, dy, plain, fused, step)
+
+
+def bn_check(state, device):
+    """SlimBatchNorm2d's gradients equal nn.BatchNorm2d's followed by the penalty step."""
+    x, dy, plain, fused, step = state
+    grads = []
+    for module, after in ((plain, step), (fused, None)):
+        x.grad = module.weight.grad = module.bias.grad = None
+        module(x).backward(dy)
+        if after is not None:
+            after()
+        grads.append((x.grad.float(), module.weight.grad, module.bias.grad))
+    tol = dict(rtol=1e-4, atol=1e-4) if x.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b, what in zip(grads[0], grads[1], ("grad_input", "grad_weight", "grad_bias")):
+        scale = max(1.0, a.abs().max().item())
+        torch.testing.assert_close(b / scale, a / scale, **tol, msg=lambda m: f"{what} disagrees: {m}")
+
+
+def bn_main(args):
+    devices = selected_devices(args.device, "kernels.py --bn")
+    warn_if_reference()
+    for dev in devices:
+        device = torch.device(dev)
+        records, totals = [], {}
+        print(f"\n{device_name(device)} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()}; forward+backward+penalty of one "
+              "BatchNorm2d, median us (IQR); GB/s = 5 x activation bytes / time")
+        print(f"{'model':<10} {'shape (x layers)':<24} {'format':<13} {'dtype':<8} {'nn + step':>17} "
+              f"{'slimcore':>17} {'ratio':>6} {'GB/s nn':>8} {'GB/s slim':>9}")
+        for model_name in args.bn_models.split(","):
+            shapes = bn_shapes(model_name)
+            for fmt in args.bn_formats.split(","):
+                for dtype_name in args.bn_dtypes.split(","):
+                    dtype = BN_DTYPES[dtype_name]
+                    key = (model_name, fmt, dtype_name)
+                    totals[key] = [0.0, 0.0]
+                    for shape, count in shapes.items():
+                        fns, state = bn_candidates(shape, fmt, dtype, device)
+                        bn_check(state, device)
+                        big = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() > 8 << 20
+                        times = interleaved(fns, device, args.bn_repeats, args.round_seconds * (4 if big else 1),
+                                            warmup_calls=3 if dev == "cpu" else 20, min_calls=2)
+                        t_nn, t_slim = times["nn + step"][0], times["slimcore"][0]
+                        nbytes = 5 * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                        totals[key][0] += count * t_nn
+                        totals[key][1] += count * t_slim
+                        label = "x".join(map(str, shape)) + f" (x{count})"
+                        cells = " ".join(f"{m:>9.1f} ({q:>5.1f})" for m, q in times.values())
+                        print(f"{model_name:<10} {label:<24} {fmt:<13} {dtype_name:<8} {cells} {t_slim / t_nn:>6.2f} "
+                              f"{nbytes / t_nn / 1e3:>8.1f} {nbytes / t_slim / 1e3:>9.1f}", flush=True)
+                        records.append(dict(
+                            model=model_name, shape=list(shape), layers=count, format=fmt, dtype=dtype_name,
+                            median_us={k: v[0] for k, v in times.items()}, iqr_us={k: v[1] for k, v in times.items()},
+                            ratio=t_slim / t_nn, bytes=nbytes, gbps_nn=nbytes / t_nn / 1e3,
+                            gbps_slimcore=nbytes / t_slim / 1e3,
+                        ))
+        print("\nper model, all BatchNorm layers (sum of count x median):")
+        summary = []
+        for (model_name, fmt, dtype_name), (t_nn, t_slim) in totals.items():
+            print(f"  {model_name:<10} {fmt:<13} {dtype_name:<8} nn + step {t_nn / 1e3:9.2f} ms  slimcore "
+                  f"{t_slim / 1e3:9.2f} ms  ratio {t_slim / t_nn:.2f}")
+            summary.append(dict(model=model_name, format=fmt, dtype=dtype_name, total_us_nn=t_nn,
+                                total_us_slimcore=t_slim, ratio=t_slim / t_nn))
+        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"bn-{dev}.json")
+        write_json(out, dict(benchmark="bn", **environment(device), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                             repeats=args.bn_repeats, lam=LAM, records=records, summary=summary))
+        print(f"wrote {out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -180,10 +319,18 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--round-seconds", type=float, default=0.02, help="time per candidate per round")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    parser.add_argument("--bn", action="store_true", help="time the fused BatchNorm instead of the penalty step")
+    parser.add_argument("--bn-models", default="vgg19,resnet164,resnet50")
+    parser.add_argument("--bn-formats", default="nchw,channels_last")
+    parser.add_argument("--bn-dtypes", default="float32,bfloat16")
+    parser.add_argument("--bn-repeats", type=int, default=5, help="interleaved timing rounds (--bn)")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bn:
+        bn_main(args)
+        return
     devices = selected_devices(args.device, "kernels.py")
     warn_if_reference()
 

@@ -11,6 +11,10 @@
 //   "mcp"  MCP with lambda = knee and gamma = a > 1
 // `scale` holds one multiplier for all tensors or one per tensor.
 //
+// The BatchNorm ops normalise each channel (dim 1) of a contiguous (NCHW) or channels_last input;
+// `scale` and the penalty's parameters say what their backward adds to grad_weight:
+// scale * dg(weight) (csrc/batch_norm_args.h states every rule).
+//
 // The channel gather ops prune a weight: None keeps that dimension whole; indices are int64 1-D on
 // the weight's device (csrc/channel_gather_args.h states every rule).
 #include <torch/library.h>
@@ -28,6 +32,17 @@ TORCH_LIBRARY(slimcore, m) {
   m.def(
       "penalty_value(Tensor[] weights, str penalty, float[] scale, "
       "float p, float a, float knee, float eps) -> Tensor");
+  // (out, save_mean, save_invstd): BatchNorm with batch statistics (training; running stats updated
+  // in place) or running ones (eval); its autograd adds scale * dg(weight) to weight's gradient
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps, str penalty, float scale, float p, float a, float knee, "
+      "float penalty_eps) -> (Tensor, Tensor, Tensor)");
+  // (grad_input, grad_weight + scale * dg(weight), grad_bias) in one pass over grad_out and input
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+      "bool training, str penalty, float scale, float p, float a, float knee, float penalty_eps) "
+      "-> (Tensor, Tensor, Tensor)");
   // weight.index_select(0, out_index).index_select(1, in_index) in one pass, as a new contiguous tensor
   m.def("channel_gather(Tensor weight, Tensor? out_index, Tensor? in_index) -> Tensor");
   // the same in place (strictly increasing indices): kept values move to the front, weight is resized

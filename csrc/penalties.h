@@ -149,6 +149,22 @@ C10_HOST_DEVICE inline T penalty_subgradient(T x, const PenaltyParams& pp) {
   return detail::is_nan(x) ? x : d;
 }
 
+// The same subgradient for a kind known only at run time (one switch per call), for code that
+// evaluates it once per channel, where instantiating a whole kernel per penalty is not worth it
+// (the BatchNorm backward adds it to grad_weight).
+template <typename T>
+C10_HOST_DEVICE inline T penalty_subgradient_dynamic(T x, const PenaltyParams& pp) {
+  switch (pp.kind) {
+    case PenaltyKind::L1: return penalty_subgradient<PenaltyKind::L1>(x, pp);
+    case PenaltyKind::L2: return penalty_subgradient<PenaltyKind::L2>(x, pp);
+    case PenaltyKind::Lp: return penalty_subgradient<PenaltyKind::Lp>(x, pp);
+    case PenaltyKind::TL1: return penalty_subgradient<PenaltyKind::TL1>(x, pp);
+    case PenaltyKind::SCAD: return penalty_subgradient<PenaltyKind::SCAD>(x, pp);
+    case PenaltyKind::MCP: return penalty_subgradient<PenaltyKind::MCP>(x, pp);
+  }
+  return x;  // unreachable: parse_penalty only produces the kinds above
+}
+
 // ---------------------------------------------------------------------------------------------
 // Proximal operators on u = |v| >= 0: argmin_{x >= 0} 1/2 (x - u)^2 + mu * g(x).
 

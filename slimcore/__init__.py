@@ -10,6 +10,7 @@ from ._ext import build_info
 from .criteria import FilterHistory, magnitude_prune
 from .fold import fold_bn
 from .graph import TraceFailure
+from .nn import SlimBatchNorm1d, SlimBatchNorm2d, convert_bn, revert_bn, set_penalty_scale
 from .penalties import L1, L2, MCP, SCAD, TL1, Lp, LpNorm
 from .profile import profile
 from .prune import PruneReport, load_pruned, prune, save_pruned
@@ -42,4 +43,9 @@ __all__ = [
     "FilterHistory",
     "TraceFailure",
     "fold_bn",
+    "SlimBatchNorm1d",
+    "SlimBatchNorm2d",
+    "convert_bn",
+    "revert_bn",
+    "set_penalty_scale",
 ]

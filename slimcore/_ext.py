@@ -9,7 +9,10 @@ import warnings
 
 import torch
 
-_OPS = ("penalty_subgradient_", "penalty_prox_", "penalty_value", "channel_gather", "channel_gather_")
+_OPS = (
+    "penalty_subgradient_", "penalty_prox_", "penalty_value", "channel_gather", "channel_gather_",
+    "batch_norm", "batch_norm_backward",
+)
 _FIX = (
     "Falling back to slimcore's pure-PyTorch reference ops (same results, slower). "
     "Fix: rebuild slimcore against the installed torch, from its source directory: "

@@ -171,6 +171,9 @@ def _settings(args, lam=None, **overrides):
     if hasattr(args, "penalty"):
         s.penalty, s.p, s.a, s.mode, s.bn = args.penalty, args.p, args.a, args.mode, args.bn
         s.lam = args.lam if lam is None else lam
+        if s.bn == "fused" and s.mode != "subgradient":
+            raise CLIError("--bn fused adds the penalty's subgradient inside the BatchNorm backward; "
+                           "--mode proximal needs --bn stock")
     for k, v in overrides.items():
         if v is not None:
             setattr(s, k, v)

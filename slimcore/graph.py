@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._shapes import infer_shapes
-from .nn import LEAF_MODULES, PLAIN_BATCHNORM, ResidualConstant
+from .nn import LEAF_MODULES, PLAIN_BATCHNORM, SELECTED_BATCHNORM, ResidualConstant
 from .profile import layer_macs
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 # Selection (dropping a BN's output channels while its input stays) needs a SelectedBatchNorm class.
-_SELECTABLE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, *PLAIN_BATCHNORM)
+_SELECTABLE_BATCHNORMS = (*SELECTED_BATCHNORM, *PLAIN_BATCHNORM)  # incl. SlimBatchNorm1d/2d
 
 # Element-wise modules with f(0) = 0: any layout, channels pass through.
 _ZERO_PRESERVING_MODULES = (

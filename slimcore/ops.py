@@ -1,5 +1,6 @@
 """Thin wrappers over ``torch.ops.slimcore.*``: fake (meta) kernels for torch.compile, the autograd
-formula of ``penalty_value`` (``channel_gather``'s is in C++: csrc/channel_gather_autograd.cpp), and
+formula of ``penalty_value`` (``channel_gather``'s and ``batch_norm``'s are in C++:
+csrc/channel_gather_autograd.cpp, csrc/batch_norm_autograd.cpp), and
 the fallback to slimcore.reference when the extension is not loaded. Empty tensor lists are handled
 here (the dispatcher cannot pick a backend without a tensor).
 """
@@ -61,7 +62,55 @@ def channel_gather_(weight, out_index=None, in_index=None):
     return reference.channel_gather_(weight, out_index, in_index)
 
 
+def batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+               penalty="l1", scale=0.0, p=0.0, a=0.0, knee=0.0, penalty_eps=0.0):
+    """BatchNorm over every dim but 1 -> (out, save_mean, save_invstd), differentiable in input, weight
+    and bias; its backward adds ``scale * dg(weight)`` to weight's gradient (the sparsity penalty).
+
+    ``training``: normalise with the batch statistics (float32, float64 for float64 input) and update
+    running_mean/running_var in place (``momentum`` is the weight of the new value; the variance is
+    unbiased); otherwise normalise with the running statistics. input must be contiguous (NCHW) or
+    channels_last; the output has its layout. weight/bias/running stats have input's dtype, or
+    float32 for float16/bfloat16 input.
+    """
+    if LOADED:
+        return torch.ops.slimcore.batch_norm.default(input, weight, bias, running_mean, running_var, training,
+                                                     momentum, eps, penalty, scale, p, a, knee, penalty_eps)
+    return reference.BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                             penalty, scale, p, a, knee, penalty_eps)
+
+
+def batch_norm_backward(grad_out, input, weight, save_mean, save_invstd, training,
+                        penalty="l1", scale=0.0, p=0.0, a=0.0, knee=0.0, penalty_eps=0.0):
+    """(grad_input, grad_weight + scale * dg(weight), grad_bias) of :func:`batch_norm` in one pass."""
+    if LOADED:
+        return torch.ops.slimcore.batch_norm_backward.default(grad_out, input, weight, save_mean, save_invstd,
+                                                              training, penalty, scale, p, a, knee, penalty_eps)
+    return reference.batch_norm_backward(grad_out, input, weight, save_mean, save_invstd, training, penalty, scale,
+                                         p, a, knee, penalty_eps)
+
+
+def _bn_acc_dtype(input):
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
 if LOADED:
+
+    @torch.library.register_fake("slimcore::batch_norm")
+    def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, penalty, scale, p,
+                         a, knee, penalty_eps):
+        reference.check_batch_norm_penalty(penalty, scale, p, a, knee, penalty_eps)
+        channels = input.shape[1]
+        acc = _bn_acc_dtype(input)
+        return torch.empty_like(input), input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+
+    @torch.library.register_fake("slimcore::batch_norm_backward")
+    def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, training, penalty, scale, p, a,
+                                  knee, penalty_eps):
+        reference.check_batch_norm_penalty(penalty, scale, p, a, knee, penalty_eps)
+        channels = input.shape[1]
+        dtype = weight.dtype if weight is not None else _bn_acc_dtype(input)
+        return torch.empty_like(input), input.new_empty((channels,), dtype=dtype), input.new_empty((channels,), dtype=dtype)
 
     @torch.library.register_fake("slimcore::penalty_subgradient_")
     def _penalty_subgradient_fake(weights, grads, penalty, scale, p, a, knee, eps):

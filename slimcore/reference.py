@@ -336,3 +336,114 @@ def channel_gather_(weight, out_index, in_index):
         weight.resize_(result.shape)
         weight.copy_(result)
     return weight
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm with the penalty in its backward: the rules and messages of csrc/batch_norm_args.cpp.
+
+
+def _bn_layout_ok(t):
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
+def check_batch_norm_penalty(penalty, scale, p, a, knee, penalty_eps):
+    check_penalty(penalty, p, a, knee, penalty_eps)
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"slimcore.batch_norm: penalty scale must be finite and >= 0, got {scale}")
+
+
+def _bn_view(t, input):
+    return t.view((1, -1) + (1,) * (input.dim() - 2))
+
+
+def batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, penalty, scale, p, a, knee,
+               penalty_eps):
+    """(out, save_mean, save_invstd) of BatchNorm over every dim but 1, statistics in float32 (float64
+    for float64 input). Training: batch statistics, running statistics updated in place (unbiased
+    variance); eval: the running statistics. The penalty arguments only matter to the backward."""
+    check_batch_norm_penalty(penalty, scale, p, a, knee, penalty_eps)
+    if input.dim() < 2:
+        raise ValueError(f"slimcore.batch_norm: input must have a channel dimension (N, C, ...), got shape {tuple(input.shape)}")
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dims = [0] + list(range(2, input.dim()))
+    count = input.numel() // max(1, input.shape[1])
+    with torch.no_grad():
+        x = input.detach().to(acc)
+        if training:
+            if count == 1:
+                raise ValueError(
+                    "slimcore.batch_norm: expected more than 1 value per channel when training, got input size "
+                    f"{list(input.shape)}"
+                )
+            if count == 0:
+                zeros = input.new_zeros(input.shape[1], dtype=acc)
+                return torch.empty_like(input), zeros, zeros.clone()
+            mean = x.mean(dims)
+            var = x.var(dims, unbiased=False)
+            if running_mean is not None:
+                m = momentum
+                running_mean.copy_((m * mean.double() + (1 - m) * running_mean.double()).to(running_mean.dtype))
+                unbiased = var.double() * count / (count - 1)
+                running_var.copy_((m * unbiased + (1 - m) * running_var.double()).to(running_var.dtype))
+        else:
+            if running_mean is None or running_var is None:
+                raise ValueError("slimcore.batch_norm: eval mode (training=False) needs running_mean and running_var")
+            mean, var = running_mean.to(acc), running_var.to(acc)
+        invstd = (var.double() + eps).rsqrt().to(acc)
+        gamma = weight.to(acc) if weight is not None else torch.ones_like(mean)
+        beta = bias.to(acc) if bias is not None else torch.zeros_like(mean)
+        y = (x - _bn_view(mean, input)) * _bn_view(gamma * invstd, input) + _bn_view(beta, input)
+        out = torch.empty_like(input)
+        out.copy_(y)
+    return out, mean.clone(), invstd
+
+
+def batch_norm_backward(grad_out, input, weight, save_mean, save_invstd, training, penalty, scale, p, a, knee,
+                        penalty_eps):
+    """(grad_input, grad_weight + scale * dg(weight), grad_bias) of :func:`batch_norm`. Without a
+    weight the penalty is skipped and grad_weight is that of gamma = 1."""
+    check_batch_norm_penalty(penalty, scale, p, a, knee, penalty_eps)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    param_dtype = weight.dtype if weight is not None else acc
+    dims = [0] + list(range(2, input.dim()))
+    count = input.numel() // max(1, input.shape[1])
+    with torch.no_grad():
+        x, g = input.to(acc), grad_out.to(acc)
+        mean, invstd = save_mean.to(acc), save_invstd.to(acc)
+        xhat = (x - _bn_view(mean, input)) * _bn_view(invstd, input)
+        sdy = g.sum(dims)
+        sdyx = (g * xhat).sum(dims)  # = sum dy * (x - mean) * invstd: the weight's gradient
+        gamma = weight.to(acc) if weight is not None else torch.ones_like(mean)
+        k = _bn_view(gamma * invstd, input)
+        if training and count > 0:
+            gi = (g - _bn_view(sdy / count, input) - xhat * _bn_view(sdyx / count, input)) * k
+        else:
+            gi = g * k
+        grad_input = torch.empty_like(input)
+        grad_input.copy_(gi)
+        gw = sdyx
+        if weight is not None and scale != 0:
+            gw = gw + scale * subgradient(gamma, penalty, p, a, knee, penalty_eps)
+    return grad_input, gw.to(param_dtype), sdy.to(param_dtype)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Autograd of the reference batch_norm (the fallback when the extension is not loaded)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, penalty, scale, p, a,
+                knee, penalty_eps):
+        out, mean, invstd = batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                       penalty, scale, p, a, knee, penalty_eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.args = (training, penalty, scale, p, a, knee, penalty_eps)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        gi, gw, gb = batch_norm_backward(grad_out, input, weight, mean, invstd, *ctx.args)
+        return (gi, gw if weight is not None else None, gb if ctx.needs_input_grad[2] else None) + (None,) * 11

@@ -216,8 +216,11 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
     sparsity = s.lam > 0
     pen = make_penalty(s) if sparsity else None
     fused = sparsity and s.bn == "fused"
+    if fused and s.mode != "subgradient":
+        raise ValueError("bn='fused' adds the penalty's subgradient inside the BatchNorm backward; "
+                         "proximal mode needs bn='stock' (nn.BatchNorm + sparse_bn_step)")
     if fused:
-        from .nn import convert_bn
+        from .nn import convert_bn, set_penalty_scale
 
         convert_bn(model, penalty=pen, lam=s.lam, penalty_scale=1.0 / s.accumulate)
     model.to(device)
@@ -263,6 +266,9 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         for x, y in bar:
             optimizer.zero_grad(set_to_none=True)
             k = s.accumulate
+            if fused and scaler is not None:
+                # the penalty joins the scaled gradient, which unscale_ divides by the loss scale
+                set_penalty_scale(model, scaler.get_scale() / k)
             for j in range(k):
                 xm, ym = x[j::k], y[j::k]
                 sync = nullcontext() if (world == 1 or j == k - 1) else net.no_sync()

@@ -102,6 +102,49 @@ def test_amp_and_proximal_mode_run(tmp_path):
     assert metrics[-1]["train_acc"] > 0.3
 
 
+class _FirstSamples:
+    """A sampler over the first n samples in order (a few steps: rounding differences between BN
+    kernels stay at rounding level; over whole epochs, training amplifies them chaotically)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
+@pytest.mark.parametrize("penalty", ["l1", "scad"])
+def test_fused_bn_training_follows_stock_bn_and_saves_plain_bn(tmp_path, penalty):
+    """bn="fused" (SlimBatchNorm: the penalty inside the BN backward, 1/k per micro-batch) trains
+    the same weights as bn="stock" (nn.BatchNorm + sparse_bn_step once per optimizer step)."""
+    train, _, _, spec = data.datasets("synthetic")
+    trained = {}
+    for bn in ("stock", "fused"):
+        torch.manual_seed(0)
+        model = models.build("lenet5", in_channels=1, input_size=28)
+        loader = data.Loader(train, spec, 64, train=True, sampler=_FirstSamples(6 * 64))
+        s = Settings(epochs=2, batch_size=64, accumulate=2, lam=3e-2, penalty=penalty, a=3.7, bn=bn, quiet=True)
+        fit(model, loader, None, None, s, str(tmp_path / bn), model_meta("lenet5", {}, "synthetic", [1, 28, 28]),
+            torch.device("cpu"))
+        assert not any(isinstance(m, slimcore.nn._SlimBatchNorm) for m in model.modules()), "reverted after training"
+        trained[bn] = model.state_dict()
+    for name, want in trained["stock"].items():
+        torch.testing.assert_close(trained["fused"][name], want, rtol=1e-4, atol=1e-5, msg=name)
+    start = models.build("lenet5", in_channels=1, input_size=28).state_dict()
+    assert not torch.equal(trained["fused"]["features.1.weight"], start["features.1.weight"])
+    with pytest.raises(ValueError, match="proximal mode needs"):
+        fit(models.build("lenet5", in_channels=1, input_size=28), loader, None, None,
+            Settings(epochs=1, batch_size=64, lam=1e-3, mode="proximal", bn="fused", quiet=True), str(tmp_path / "p"),
+            {}, torch.device("cpu"))
+    assert cli.main(["train", *TINY, "--bn", "fused", "--mode", "proximal", "--out", str(tmp_path / "c")]) == 2
+
+
 def test_every_seed_model_trains_a_step_and_prunes_at_28_and_32():
     for name in models.NAMES:
         for size, channels in ((28, 1), (32, 3)):

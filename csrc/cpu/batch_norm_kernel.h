@@ -1,0 +1,544 @@
+// The CPU kernels of slimcore::batch_norm (forward) and slimcore::batch_norm_backward, whose
+// grad_weight carries scale * dg(weight): the sparsity penalty, added where grad_weight is made.
+//
+// Statistics are computed in float32 (float64 for float64 input) by blocks: each block of at most
+// a few KB is summed, then its squared deviations from its own mean are summed while it is still
+// in cache (an exact two-pass within the block), and blocks are merged with Chan's formula in
+// float64. Memory sees one read, not two, and cancellation never occurs (|mean| >> std is fine).
+//
+// Two traversals, picked by layout (csrc/batch_norm_args.h):
+//   planes   contiguous NCHW with long runs (spatial size S >= kMinSpan): one task per channel. The channel's
+//            statistics, then its output (forward) or its sums and grad_input (backward), are
+//            computed back to back, so the second pass over the channel mostly hits cache.
+//            (ATen's CPU batch norm computes all statistics first and transforms in another sweep.)
+//   columns  a matrix of R rows by W columns where column j belongs to channel j / Sc: channels_last
+//            and (N, C) inputs (R = N*S, W = C, Sc = 1), and NCHW with small S and C*S (R = N,
+//            W = C*S, Sc = S). Tasks split the rows, accumulate per-column sums in buffers, the buffers are
+//            merged per channel, and a second parallel pass over rows writes the result with
+//            per-column coefficients.
+// Inner loops are plain loops that GCC vectorises at -O3.
+//
+// The CPU BatchNorm kernels, compiled once per instruction set: included by batch_norm.cpp (baseline
+// x86-64 / any other CPU), batch_norm_avx2.cpp and batch_norm_avx512.cpp, each of which defines
+// SLIMCORE_BN_ISA (the namespace of its copy) and, for the AVX ones, switches the code generated
+// from here on to that ISA with `#pragma GCC target` after every other header is included. So only
+// these kernels are built for AVX2/AVX-512: templates of ATen, c10 and the standard library keep
+// the baseline ISA wherever they are instantiated, and no inline function a baseline caller might
+// link to carries AVX-512 code. batch_norm.cpp picks the copy at run time from ATen's CPU
+// capability (which the ATEN_CPU_CAPABILITY environment variable can lower).
+//
+//
+// (Included once per translation unit: no include guard.)
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../batch_norm_args.h"
+
+#ifndef SLIMCORE_BN_ISA
+#error "define SLIMCORE_BN_ISA before including batch_norm_kernel.h"
+#endif
+#ifdef SLIMCORE_BN_TARGET
+// Everything defined from here on (only this file's kernels) is compiled for SLIMCORE_BN_TARGET.
+#define SLIMCORE_BN_PRAGMA(x) _Pragma(#x)
+#define SLIMCORE_BN_TARGET_PRAGMA(t) SLIMCORE_BN_PRAGMA(GCC target(t))
+SLIMCORE_BN_TARGET_PRAGMA(SLIMCORE_BN_TARGET)
+#endif
+
+namespace slimcore {
+namespace SLIMCORE_BN_ISA {
+namespace {
+
+
+// Elements per statistics block in the planes traversal (read twice: keep it in L1).
+constexpr int64_t kPlaneBlock = 4096;
+// Bytes of input per block in the columns traversal (read twice: keep it in L2).
+constexpr int64_t kColumnBlockBytes = 256 * 1024;
+// Rows whose float partial sums are flushed to float64 at once (backward, columns).
+constexpr int64_t kColumnFlushRows = 64;
+// NCHW inputs use the columns traversal when their spans are short (S < kMinSpan: strided runs of a
+// few cache lines defeat the prefetcher) and a row is short enough (C*S <= kMaxColumns) for blocks
+// of several rows to stay in L2; the planes traversal otherwise. (Measured on the CIFAR/ImageNet
+// shapes of benchmarks/kernels.py --bn.)
+constexpr int64_t kMinSpan = 128;
+constexpr int64_t kMaxColumns = 16384;
+// The columns transform folds the mean into the shift when |mean| / std <= this for every channel.
+constexpr double kFoldedMeanLimit = 16.0;
+// Elements per task below which a loop stays on one thread (ATen's elementwise grain).
+constexpr int64_t kGrain = 32768;
+
+// ---------------------------------------------------------------------------------- span sums
+// `omp simd reduction` lets GCC keep one vector of partial sums per reduction (no -ffast-math
+// needed); measured faster than explicit lane arrays, which GCC vectorised with shuffles.
+
+// sum of x[0, n)
+template <typename scalar_t, typename acc_t>
+inline acc_t span_sum(const scalar_t* x, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(x[i]);
+  return s;
+}
+
+// sum of (x - m)^2 over x[0, n)
+template <typename scalar_t, typename acc_t>
+inline acc_t span_sq_dev(const scalar_t* x, int64_t n, acc_t m) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - m;
+    s += d * d;
+  }
+  return s;
+}
+
+// sdy += sum dy, sdyx += sum dy * (x - m) over [0, n)
+template <typename scalar_t, typename acc_t>
+inline void span_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t m, acc_t& sdy, acc_t& sdyx) {
+  acc_t a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    a += g;
+    b += g * (static_cast<acc_t>(x[i]) - m);
+  }
+  sdy += a;
+  sdyx += b;
+}
+
+// y = (x - m) * k + c over [0, n)   (forward: k = gamma * invstd, c = beta)
+template <typename scalar_t, typename acc_t>
+inline void span_affine(const scalar_t* x, scalar_t* y, int64_t n, acc_t m, acc_t k, acc_t c) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - m) * k + c);
+}
+
+// dx = (dy - mdy) * k1 + (x - m) * k2 over [0, n)
+template <typename scalar_t, typename acc_t>
+inline void span_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t mdy, acc_t k1,
+                            acc_t m, acc_t k2) {
+  for (int64_t i = 0; i < n; ++i) {
+    dx[i] = static_cast<scalar_t>((static_cast<acc_t>(dy[i]) - mdy) * k1 + (static_cast<acc_t>(x[i]) - m) * k2);
+  }
+}
+
+// ------------------------------------------------------------------------------ merged moments
+
+// Count, mean and sum of squared deviations of a set of values, merged with Chan et al.'s formula.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void add(double nb, double mean_b, double m2_b) {
+    if (nb == 0) return;
+    const double total = n + nb;
+    const double delta = mean_b - mean;
+    const double f = nb / total;
+    mean += delta * f;
+    m2 += m2_b + delta * delta * n * f;
+    n = total;
+  }
+};
+
+// Per-channel values every kernel needs: the affine parameters (absent: 1 and 0) in acc_t.
+template <typename param_t, typename acc_t>
+std::vector<acc_t> read_param(const std::optional<at::Tensor>& t, int64_t C, acc_t absent) {
+  std::vector<acc_t> out(C, absent);
+  if (t.has_value() && t->defined()) {
+    const param_t* p = t->const_data_ptr<param_t>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(p[c]);
+  }
+  return out;
+}
+
+// Where a traversal reads: planes (NCHW, long spans) or columns (R x W, column j in channel j / Sc).
+struct Traversal {
+  bool planes;
+  int64_t R, W, Sc;
+};
+
+Traversal traversal_of(const BNShape& s) {
+  if (s.layout == BNLayout::Rows) return {false, s.N * s.S, s.C, 1};
+  if (s.S >= kMinSpan || s.C * s.S > kMaxColumns) return {true, s.N, s.C * s.S, s.S};
+  return {false, s.N, s.C * s.S, s.S};
+}
+
+// Row ranges of the columns traversal: one per thread when there is enough work.
+int64_t column_tasks(const Traversal& t) {
+  if (t.R * t.W < 2 * kGrain) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.R));
+}
+
+// Per-channel (mean, biased variance) of a columns traversal, in float64.
+template <typename scalar_t, typename acc_t>
+void column_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::vector<double>& mean,
+                       std::vector<double>& var) {
+  const int64_t T = column_tasks(t), W = t.W;
+  std::vector<double> tmean(T * W, 0.0), tm2(T * W, 0.0);
+  std::vector<int64_t> tn(T, 0);
+  const int64_t block_rows = std::max<int64_t>(1, kColumnBlockBytes / (W * static_cast<int64_t>(sizeof(scalar_t))));
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> bsum(W), bm2(W);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t r_begin = t.R * task / T, r_end = t.R * (task + 1) / T;
+      double* mean_t = tmean.data() + task * W;
+      double* m2_t = tm2.data() + task * W;
+      int64_t n = 0;
+      for (int64_t rb = r_begin; rb < r_end; rb += block_rows) {
+        const int64_t re = std::min(r_end, rb + block_rows), k = re - rb;
+        acc_t* bs = bsum.data();
+        acc_t* bq = bm2.data();
+        std::fill(bs, bs + W, acc_t(0));
+        std::fill(bq, bq + W, acc_t(0));
+        for (int64_t r = rb; r < re; ++r) {
+          const scalar_t* row = x + r * W;
+          for (int64_t j = 0; j < W; ++j) bs[j] += static_cast<acc_t>(row[j]);
+        }
+        const acc_t inv_k = acc_t(1) / static_cast<acc_t>(k);
+        for (int64_t j = 0; j < W; ++j) bs[j] *= inv_k;  // block means
+        for (int64_t r = rb; r < re; ++r) {
+          const scalar_t* row = x + r * W;
+          for (int64_t j = 0; j < W; ++j) {
+            const acc_t d = static_cast<acc_t>(row[j]) - bs[j];
+            bq[j] += d * d;
+          }
+        }
+        const double f = static_cast<double>(k) / static_cast<double>(n + k);
+        const double g = static_cast<double>(n) * f;
+        for (int64_t j = 0; j < W; ++j) {
+          const double delta = static_cast<double>(bs[j]) - mean_t[j];
+          mean_t[j] += delta * f;
+          m2_t[j] += static_cast<double>(bq[j]) + delta * delta * g;
+        }
+        n += k;
+      }
+      tn[task] = n;
+    }
+  });
+  mean.assign(C, 0.0);
+  var.assign(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    Moments mo;
+    for (int64_t task = 0; task < T; ++task) {
+      for (int64_t j = c * t.Sc; j < (c + 1) * t.Sc; ++j) mo.add(tn[task], tmean[task * W + j], tm2[task * W + j]);
+    }
+    mean[c] = mo.mean;
+    var[c] = mo.n > 0 ? mo.m2 / mo.n : 0.0;
+  }
+}
+
+// Per-channel mean and biased variance of one NCHW channel (planes traversal).
+template <typename scalar_t, typename acc_t>
+Moments plane_statistics(const scalar_t* x, const BNShape& s, int64_t c) {
+  Moments mo;
+  const int64_t S = s.S;
+  if (S >= kPlaneBlock) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      const scalar_t* p = x + (n * s.C + c) * S;
+      for (int64_t off = 0; off < S; off += kPlaneBlock) {
+        const int64_t len = std::min(kPlaneBlock, S - off);
+        const acc_t mb = span_sum<scalar_t, acc_t>(p + off, len) / static_cast<acc_t>(len);
+        mo.add(len, mb, span_sq_dev<scalar_t, acc_t>(p + off, len, mb));
+      }
+    }
+    return mo;
+  }
+  const int64_t spans = std::max<int64_t>(1, kPlaneBlock / S);  // whole (n, c) runs per block
+  for (int64_t n0 = 0; n0 < s.N; n0 += spans) {
+    const int64_t n1 = std::min(s.N, n0 + spans);
+    acc_t sum = 0;
+    for (int64_t n = n0; n < n1; ++n) sum += span_sum<scalar_t, acc_t>(x + (n * s.C + c) * S, S);
+    const acc_t mb = sum / static_cast<acc_t>((n1 - n0) * S);
+    acc_t q = 0;
+    for (int64_t n = n0; n < n1; ++n) q += span_sq_dev<scalar_t, acc_t>(x + (n * s.C + c) * S, S, mb);
+    mo.add(static_cast<double>((n1 - n0) * S), mb, q);
+  }
+  return mo;
+}
+
+// ------------------------------------------------------------------------------------ forward
+
+template <typename scalar_t, typename param_t>
+void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+                    at::Tensor& save_mean, at::Tensor& save_invstd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = s.C;
+  const std::vector<acc_t> gamma = read_param<param_t, acc_t>(weight, C, acc_t(1));
+  const std::vector<acc_t> beta = read_param<param_t, acc_t>(bias, C, acc_t(0));
+  const bool has_running = running_mean.has_value() && running_mean->defined();
+  param_t* rmean = has_running ? running_mean->mutable_data_ptr<param_t>() : nullptr;
+  param_t* rvar = has_running ? running_var->mutable_data_ptr<param_t>() : nullptr;
+  acc_t* smean = save_mean.mutable_data_ptr<acc_t>();
+  acc_t* sinvstd = save_invstd.mutable_data_ptr<acc_t>();
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
+  const int64_t count = s.count();
+
+  // Per channel: save the statistics, update the running ones.
+  auto finish_channel = [&](int64_t c, double mean, double var) {
+    const double invstd = 1.0 / std::sqrt(var + eps);
+    smean[c] = static_cast<acc_t>(mean);
+    sinvstd[c] = static_cast<acc_t>(invstd);
+    if (training && rmean != nullptr) {
+      const double unbiased = count > 1 ? var * static_cast<double>(count) / static_cast<double>(count - 1) : var;
+      rmean[c] = static_cast<param_t>(momentum * mean + (1.0 - momentum) * static_cast<double>(rmean[c]));
+      rvar[c] = static_cast<param_t>(momentum * unbiased + (1.0 - momentum) * static_cast<double>(rvar[c]));
+    }
+  };
+
+  if (training && count == 0) {  // empty batch: nothing to normalise, running statistics unchanged
+    std::fill(smean, smean + C, acc_t(0));
+    std::fill(sinvstd, sinvstd + C, acc_t(0));
+    return;
+  }
+  const Traversal t = traversal_of(s);
+  if (t.planes) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, count));
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double mean, var;
+        if (training) {
+          const Moments mo = plane_statistics<scalar_t, acc_t>(x, s, c);
+          mean = mo.mean;
+          var = mo.m2 / mo.n;
+        } else {
+          mean = static_cast<double>(rmean[c]);
+          var = static_cast<double>(rvar[c]);
+        }
+        finish_channel(c, mean, var);
+        const acc_t k = gamma[c] * sinvstd[c];
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t off = (n * C + c) * s.S;
+          span_affine<scalar_t, acc_t>(x + off, y + off, s.S, smean[c], k, beta[c]);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<double> mean(C), var(C);
+  if (training) {
+    column_statistics<scalar_t, acc_t>(x, t, C, mean, var);
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = static_cast<double>(rmean[c]);
+      var[c] = static_cast<double>(rvar[c]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) finish_channel(c, mean[c], var[c]);
+  // Per-column coefficients, then the output row by row: y = x * k + (b - m * k), one multiply-add
+  // and two coefficient loads per element, when every channel's |mean| <= kFoldedMeanLimit * std
+  // (the rounding of m * k then stays within a few ulps of y's scale: ordinary activations), else
+  // y = (x - m) * k + b, exact for any mean.
+  const int64_t W = t.W;
+  bool folded = true;
+  for (int64_t c = 0; c < C; ++c) {
+    folded = folded && std::abs(static_cast<double>(smean[c]) * static_cast<double>(sinvstd[c])) <= kFoldedMeanLimit;
+  }
+  std::vector<acc_t> cm(W), ck(W), cb(W);
+  for (int64_t j = 0; j < W; ++j) {
+    const int64_t c = j / t.Sc;
+    ck[j] = gamma[c] * sinvstd[c];
+    cm[j] = smean[c];
+    cb[j] = folded ? static_cast<acc_t>(static_cast<double>(beta[c]) - static_cast<double>(smean[c]) * ck[j]) : beta[c];
+  }
+  at::parallel_for(0, t.R, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, W)), [&](int64_t r0, int64_t r1) {
+    const acc_t* m = cm.data();
+    const acc_t* k = ck.data();
+    const acc_t* b = cb.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* xr = x + r * W;
+      scalar_t* yr = y + r * W;
+      if (folded) {
+        for (int64_t j = 0; j < W; ++j) yr[j] = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) * k[j] + b[j]);
+      } else {
+        for (int64_t j = 0; j < W; ++j) {
+          yr[j] = static_cast<scalar_t>((static_cast<acc_t>(xr[j]) - m[j]) * k[j] + b[j]);
+        }
+      }
+    }
+  });
+}
+
+// Runs f with param_t = scalar_t, or float when the parameters are float32 for half input.
+template <typename scalar_t, typename F>
+void with_param_type(at::ScalarType param_type, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (param_type == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else {
+    f(acc_t{});
+  }
+}
+
+// ----------------------------------------------------------------------------------- backward
+
+// The grad_input coefficients of one channel.
+template <typename acc_t>
+struct ChannelGrad {
+  acc_t mdy, k1, k2;  // grad_input = (dy - mdy) * k1 + (x - mean) * k2
+};
+
+template <typename scalar_t, typename param_t>
+void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Tensor& input,
+                     const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                     const at::Tensor& save_invstd, bool training, const BNPenalty& pen, at::Tensor& grad_input,
+                     at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = s.C;
+  const std::vector<acc_t> gamma = read_param<param_t, acc_t>(weight, C, acc_t(1));
+  const acc_t* mean = save_mean.const_data_ptr<acc_t>();
+  const acc_t* invstd = save_invstd.const_data_ptr<acc_t>();
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+  param_t* gw = grad_weight.mutable_data_ptr<param_t>();
+  param_t* gb = grad_bias.mutable_data_ptr<param_t>();
+  const double count = static_cast<double>(s.count());
+
+  // From the channel's sums: grad_weight (+ scale * dg(gamma), the fused penalty), grad_bias, and
+  // grad_input's coefficients. Training: dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat));
+  // eval (running statistics are constants): dx = gamma*invstd*dy.
+  auto finish_channel = [&](int64_t c, double sdy, double sdyx) -> ChannelGrad<acc_t> {
+    const double is = static_cast<double>(invstd[c]);
+    double g_w = sdyx * is;
+    if (pen.active) {
+      g_w += pen.scale * static_cast<double>(penalty_subgradient_dynamic<acc_t>(gamma[c], pen.params));
+    }
+    gw[c] = static_cast<param_t>(g_w);
+    gb[c] = static_cast<param_t>(sdy);
+    const double k1 = static_cast<double>(gamma[c]) * is;
+    if (!training || count == 0) return {acc_t(0), static_cast<acc_t>(k1), acc_t(0)};
+    return {static_cast<acc_t>(sdy / count), static_cast<acc_t>(k1), static_cast<acc_t>(-k1 * is * is * sdyx / count)};
+  };
+
+  const Traversal t = traversal_of(s);
+  if (t.planes) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.count()));
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const acc_t m = mean[c];
+        double sdy = 0, sdyx = 0;  // float partial sums over pieces of <= kPlaneBlock, flushed to float64
+        const int64_t S = s.S;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          for (int64_t o = 0; o < S; o += kPlaneBlock) {
+            acc_t a = 0, b = 0;
+            span_grad_sums<scalar_t, acc_t>(dy + off + o, x + off + o, std::min(kPlaneBlock, S - o), m, a, b);
+            sdy += a;
+            sdyx += b;
+          }
+        }
+        const auto g = finish_channel(c, sdy, sdyx);
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          span_grad_input<scalar_t, acc_t>(dy + off, x + off, dx + off, S, g.mdy, g.k1, m, g.k2);
+        }
+      }
+    });
+    return;
+  }
+
+  // Columns: per-task sums per column (float over kColumnFlushRows rows, then float64).
+  const int64_t W = t.W, T = column_tasks(t);
+  std::vector<acc_t> cm(W);
+  for (int64_t j = 0; j < W; ++j) cm[j] = mean[j / t.Sc];
+  std::vector<double> tsdy(T * W, 0.0), tsdyx(T * W, 0.0);
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> fa(W), fb(W);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t r_begin = t.R * task / T, r_end = t.R * (task + 1) / T;
+      double* da = tsdy.data() + task * W;
+      double* db = tsdyx.data() + task * W;
+      for (int64_t rb = r_begin; rb < r_end; rb += kColumnFlushRows) {
+        const int64_t re = std::min(r_end, rb + kColumnFlushRows);
+        acc_t* a = fa.data();
+        acc_t* b = fb.data();
+        const acc_t* m = cm.data();
+        std::fill(a, a + W, acc_t(0));
+        std::fill(b, b + W, acc_t(0));
+        for (int64_t r = rb; r < re; ++r) {
+          const scalar_t* gr = dy + r * W;
+          const scalar_t* xr = x + r * W;
+          for (int64_t j = 0; j < W; ++j) {
+            const acc_t g = static_cast<acc_t>(gr[j]);
+            a[j] += g;
+            b[j] += g * (static_cast<acc_t>(xr[j]) - m[j]);
+          }
+        }
+        for (int64_t j = 0; j < W; ++j) {
+          da[j] += static_cast<double>(a[j]);
+          db[j] += static_cast<double>(b[j]);
+        }
+      }
+    }
+  });
+  std::vector<acc_t> cmdy(W), ck1(W), ck2(W);
+  for (int64_t c = 0; c < C; ++c) {
+    double sdy = 0, sdyx = 0;
+    for (int64_t task = 0; task < T; ++task) {
+      for (int64_t j = c * t.Sc; j < (c + 1) * t.Sc; ++j) {
+        sdy += tsdy[task * W + j];
+        sdyx += tsdyx[task * W + j];
+      }
+    }
+    const auto g = finish_channel(c, sdy, sdyx);
+    for (int64_t j = c * t.Sc; j < (c + 1) * t.Sc; ++j) {
+      cmdy[j] = g.mdy;
+      ck1[j] = g.k1;
+      ck2[j] = g.k2;
+    }
+  }
+  at::parallel_for(0, t.R, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, W)), [&](int64_t r0, int64_t r1) {
+    const acc_t* m = cm.data();
+    const acc_t* mdy = cmdy.data();
+    const acc_t* k1 = ck1.data();
+    const acc_t* k2 = ck2.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* gr = dy + r * W;
+      const scalar_t* xr = x + r * W;
+      scalar_t* out = dx + r * W;
+      for (int64_t j = 0; j < W; ++j) {
+        out[j] = static_cast<scalar_t>((static_cast<acc_t>(gr[j]) - mdy[j]) * k1[j] +
+                                       (static_cast<acc_t>(xr[j]) - m[j]) * k2[j]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void forward(const BNShape& s, const at::Tensor& input, at::Tensor& out, const std::optional<at::Tensor>& weight,
+             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+             const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+             at::Tensor& save_mean, at::Tensor& save_invstd, at::ScalarType param_type) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "slimcore_batch_norm_cpu", [&] {
+    with_param_type<scalar_t>(param_type, [&](auto param_tag) {
+      using param_t = decltype(param_tag);
+      forward_kernel<scalar_t, param_t>(s, input, out, weight, bias, running_mean, running_var, training, momentum,
+                                        eps, save_mean, save_invstd);
+    });
+  });
+}
+
+void backward(const BNShape& s, const at::Tensor& grad_out, const at::Tensor& input,
+              const std::optional<at::Tensor>& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+              bool training, const BNPenalty& pen, at::Tensor& grad_input, at::Tensor& grad_weight,
+              at::Tensor& grad_bias, at::ScalarType param_type) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "slimcore_batch_norm_backward_cpu",
+                                  [&] {
+                                    with_param_type<scalar_t>(param_type, [&](auto param_tag) {
+                                      using param_t = decltype(param_tag);
+                                      backward_kernel<scalar_t, param_t>(s, grad_out, input, weight, save_mean,
+                                                                         save_invstd, training, pen, grad_input,
+                                                                         grad_weight, grad_bias);
+                                    });
+                                  });
+}
+
+}  // namespace SLIMCORE_BN_ISA
+}  // namespace slimcore
