@@ -21,6 +21,11 @@ about two minutes on a 2-core CPU. The project's CPU targets are measured at bat
     python benchmarks/latency.py --models vgg19,resnet50 --ratios 0.5 --batch-sizes 64 \\
         --fold-bn --channels-last --round-to 8
 
+--round-to takes several values (e.g. 1,8,32,auto): each ratio then gets one slimmed model per
+value, all timed in the same interleaved rounds against the same dense model. "auto" is
+slimcore.prune(..., round_to="auto"): layer widths snapped up only where a measured width is
+faster (slimcore/widths.py), timed at the benchmark's batch, dtype, memory format and device.
+
 Results: a JSON file (benchmarks/results/latency-<device>.json, or --out) whose records carry
 model, ratio, batch_size, device, dtype, threads, params/flops dense and slim, latencies, speed-ups
 and realised fraction; and a PNG plot of speed-up vs prune ratio with the FLOPs prediction.
@@ -38,6 +43,7 @@ import torch
 
 import slimcore
 import slimcore.graph
+from slimcore.widths import LatencyTable
 import slimcore.models as seed_models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -127,16 +133,20 @@ def plot(records, path):
     models = sorted({r["model"] for r in records})
     batches = sorted({r["batch_size"] for r in records})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    round_tos = list(dict.fromkeys(r.get("round_to", 1) for r in records))
     for ax, bs in zip(axes[0], batches):
         for i, name in enumerate(models):
-            rs = sorted((r for r in records if r["model"] == name and r["batch_size"] == bs), key=lambda r: r["ratio"])
-            if not rs:
-                continue
-            color = f"C{i}"
-            ratios = [0.0] + [r["ratio"] for r in rs]
-            ax.plot(ratios, [1.0] + [r["speedup"] for r in rs], "o-", color=color, label=f"{name} measured")
-            ax.plot(ratios, [1.0] + [r["flops_speedup"] for r in rs], "--", color=color, alpha=0.6,
-                    label=f"{name} FLOPs")
+            for j, rt in enumerate(round_tos):
+                rs = sorted((r for r in records if r["model"] == name and r["batch_size"] == bs
+                             and r.get("round_to", 1) == rt), key=lambda r: r["ratio"])
+                if not rs:
+                    continue
+                color = f"C{(i * len(round_tos) + j) % 10}"
+                label = name if len(round_tos) == 1 else f"{name} round_to={rt}"
+                ratios = [0.0] + [r["ratio"] for r in rs]
+                ax.plot(ratios, [1.0] + [r["speedup"] for r in rs], "o-", color=color, label=f"{label} measured")
+                ax.plot(ratios, [1.0] + [r["flops_speedup"] for r in rs], "--", color=color, alpha=0.6,
+                        label=f"{label} FLOPs")
         ax.set_title(f"batch {bs}, {records[0]['device']}, {records[0]['dtype']}")
         ax.set_xlabel("prune ratio (share of channels removed)")
         ax.set_ylabel("speed-up over dense")
@@ -162,7 +172,9 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for models and inputs")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant (slow to start)")
     parser.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv/linear")
-    parser.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    parser.add_argument("--round-to", default="1",
+                        help="keep channel counts multiples of this, or 'auto' (measured widths, slimcore.widths); "
+                             "comma-separated: one slimmed variant per value, all timed in the same rounds")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--round-seconds", type=float, default=0.15, help="time per variant per round")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latency-<device>.json)")
@@ -178,11 +190,11 @@ def main(argv=None):
     warn_if_reference()
     warnings.filterwarnings("ignore", category=UserWarning)
     env = environment(device)
-    options = dict(channels_last=args.channels_last, compile=args.compile, fold_bn=args.fold_bn,
-                   round_to=args.round_to)
+    round_tos = [r if r == "auto" else int(r) for r in args.round_to.split(",")]
+    options = dict(channels_last=args.channels_last, compile=args.compile, fold_bn=args.fold_bn)
     print(f"{env['device']} ({device.type}), torch {env['torch']}, threads {env['threads']}, {args.dtype}, "
           f"options {options}; latency: median ms per forward (IQR)")
-    print(f"{'model':<14} {'ratio':>5} {'batch':>5} {'params':>17} {'MFLOPs':>15}  {'dense ms':>15} {'slim ms':>15} "
+    print(f"{'model':<14} {'ratio':>5} {'round':>5} {'batch':>5} {'params':>17} {'MFLOPs':>15}  {'dense ms':>15} {'slim ms':>15} "
           f"{'speed-up':>8} {'FLOPs x':>7} {'realised':>8}")
     records = []
     start = time.perf_counter()
@@ -190,23 +202,28 @@ def main(argv=None):
     for name, dense, shape in sources:
         example = torch.randn(1, *shape)
         flops_dense, params_dense = slimcore.profile(dense, example)
-        slims = {}
-        for ratio in ratios:
-            slim = copy.deepcopy(dense)
-            slimcore.prune(slim, example, ratio=ratio, round_to=args.round_to)
-            slims[ratio] = (slim, *slimcore.profile(slim, example))
         for bs in ([32 if shape[-1] <= 32 else 4] if auto_batch else batch_sizes):
+            slims = {}  # (ratio, round_to) -> (model, flops, params, widened layers)
+            for ratio in ratios:
+                for round_to in round_tos:
+                    slim = copy.deepcopy(dense)
+                    table = None
+                    if round_to == "auto":  # timed at this batch, dtype, memory format and device
+                        table = LatencyTable(device, dtype=dtype, batch=bs, channels_last=args.channels_last)
+                    report = slimcore.prune(slim, example, ratio=ratio, round_to=round_to, latency_table=table)
+                    widened = sum(w["chosen"] != w["asked"] for w in report.widths)
+                    slims[ratio, round_to] = (slim, *slimcore.profile(slim, example), widened)
             x = torch.randn(bs, *shape, device=device, dtype=dtype)
             if args.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             example_dev = example.to(device)
             variants = {"dense": forward_fn(prepare(copy.deepcopy(dense), example_dev, args, device, dtype), x)}
-            for ratio, (slim, _, _) in slims.items():
-                variants[ratio] = forward_fn(prepare(copy.deepcopy(slim), example_dev, args, device, dtype), x)
+            for key, (slim, *_) in slims.items():
+                variants[key] = forward_fn(prepare(copy.deepcopy(slim), example_dev, args, device, dtype), x)
             times = interleaved(variants, device, args.repeats, args.round_seconds, warmup_calls=3, min_calls=1)
             dense_ms, dense_iqr = (t / 1e3 for t in times["dense"])
-            for ratio, (slim, flops_slim, params_slim) in slims.items():
-                slim_ms, slim_iqr = (t / 1e3 for t in times[ratio])
+            for (ratio, round_to), (slim, flops_slim, params_slim, widened) in slims.items():
+                slim_ms, slim_iqr = (t / 1e3 for t in times[ratio, round_to])
                 speedup = dense_ms / slim_ms
                 flops_speedup = flops_dense / flops_slim
                 rec = dict(
@@ -215,14 +232,15 @@ def main(argv=None):
                     flops_dense=flops_dense, flops_slim=flops_slim, latency_dense_ms=dense_ms,
                     latency_slim_ms=slim_ms, latency_dense_iqr_ms=dense_iqr, latency_slim_iqr_ms=slim_iqr,
                     speedup=speedup, flops_speedup=flops_speedup, realised_fraction=speedup / flops_speedup,
-                    slower_than_dense=slim_ms > dense_ms, **options,
+                    slower_than_dense=slim_ms > dense_ms, **options, round_to=round_to,
+                    auto_widened_layers=widened if round_to == "auto" else None,
                 )
                 records.append(rec)
                 flag = "  SLOWER THAN DENSE" if rec["slower_than_dense"] else ""
-                print(f"{name:<14} {ratio:>5.2f} {bs:>5} {params_dense / 1e6:>7.2f}M->{params_slim / 1e6:>6.2f}M "
-                      f"{flops_dense / 1e6:>7.0f}->{flops_slim / 1e6:>6.0f}  {dense_ms:>8.2f} ({dense_iqr:>4.2f}) "
-                      f"{slim_ms:>8.2f} ({slim_iqr:>4.2f}) {speedup:>7.2f}x {flops_speedup:>6.2f}x "
-                      f"{rec['realised_fraction']:>8.2f}{flag}")
+                print(f"{name:<14} {ratio:>5.2f} {str(round_to):>5} {bs:>5} {params_dense / 1e6:>7.2f}M->"
+                      f"{params_slim / 1e6:>6.2f}M {flops_dense / 1e6:>7.0f}->{flops_slim / 1e6:>6.0f}  "
+                      f"{dense_ms:>8.2f} ({dense_iqr:>4.2f}) {slim_ms:>8.2f} ({slim_iqr:>4.2f}) {speedup:>7.2f}x "
+                      f"{flops_speedup:>6.2f}x {rec['realised_fraction']:>8.2f}{flag}", flush=True)
     out = args.out or os.path.join(RESULTS, f"latency-{device.type}.json")
     write_json(out, dict(benchmark="latency", **env, dtype=args.dtype, options=options, repeats=args.repeats,
                          seconds=time.perf_counter() - start, records=records))

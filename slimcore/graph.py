@@ -132,6 +132,7 @@ class ChannelGraph:
     selection_parent: dict = field(default_factory=dict)  # selection-BN atom -> its input atom
     notes: list = field(default_factory=list)  # why channels were frozen
     macs: dict = field(default_factory=dict)  # conv/linear module name -> MACs per sample (profile.py rules)
+    in_shapes: dict = field(default_factory=dict)  # conv/linear module name -> its input's shape (first call)
     residual_blocks: list = field(default_factory=list)  # ResidualBlock: submodules computing x + branch(x)
     _owner: list = field(default_factory=list)  # per new_atoms call: (owner id, count)
     _owner_ids: dict = field(default_factory=dict)  # module name -> owner id
@@ -392,6 +393,8 @@ class _Analysis:
             macs = layer_macs(m, math.prod(shape)) // self.batch
             self.graph.macs[name] = self.graph.macs.get(name, 0) + macs
         src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        if isinstance(m, (*_CONVS, nn.Linear)) and _meta_shape(src) is not None:
+            self.graph.in_shapes.setdefault(name, tuple(_meta_shape(src)))
         inp = self.info.get(src)
         if name in self.ignore or any(name.startswith(p + ".") for p in self.ignore):
             return self.opaque(node, f"module '{name}' is ignored")

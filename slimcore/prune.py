@@ -25,6 +25,7 @@ from .criteria import CRITERIA, atom_scores
 from .graph import analyze
 from .nn import ResidualConstant, set_compensation, set_input_selection
 from .profile import _as_tuple, count_params
+from .widths import LatencyTable, choose_widths
 
 SCOPES = ("global", "layer")
 
@@ -57,6 +58,7 @@ class PruneReport:
     compensation_max_error: float = 0.0  # |pruned - dense with removed channels at their constants|, on the
     compensation_mean_error: float = 0.0  # example inputs (nonzero only at padded conv borders)
     collapsed: list = field(default_factory=list)  # residual blocks replaced by x + constant
+    widths: list = field(default_factory=list)  # round_to="auto": per layer asked/chosen width and timings (ms)
 
     @property
     def channels_removed(self):
@@ -77,6 +79,11 @@ class PruneReport:
             lines.append(f"    {n:<40} {b:>6} -> {a}")
         if len(shrunk) > 40:
             lines.append(f"    ... {len(shrunk) - 40} more")
+        widened = [w for w in self.widths if w["chosen"] != w["asked"]]
+        if self.widths:
+            lines.append(f"  round_to=auto: {len(widened)} of {len(self.widths)} layers widened to a faster width")
+            for w in widened[:20]:
+                lines.append(f"    {w['layer'][:40]:<40} {w['asked']:>6} -> {w['chosen']}  (ms: {w['ms']})")
         lines += [f"  note: {n}" for n in self.notes[:10]]
         return "\n".join(lines)
 
@@ -91,8 +98,8 @@ def _check_args(ratio, criterion, scope, round_to, min_channels):
         raise ValueError(f"slimcore.prune: unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
     if scope not in SCOPES:
         raise ValueError(f"slimcore.prune: scope must be one of {SCOPES}, got {scope!r}")
-    if not (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
-        raise ValueError(f"slimcore.prune: round_to must be an integer >= 1, got {round_to!r}")
+    if not (round_to == "auto" or isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
+        raise ValueError(f"slimcore.prune: round_to must be an integer >= 1 or 'auto', got {round_to!r}")
     if not (isinstance(min_channels, int) and not isinstance(min_channels, bool) and min_channels >= 1):
         raise ValueError(f"slimcore.prune: min_channels must be an integer >= 1, got {min_channels!r}")
 
@@ -184,8 +191,11 @@ def _restore(classes, removed, groups, round_to, min_channels, allowed, max_laye
         removed[back] = False
 
 
-def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, blocks=()):
+def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, blocks=(), widen=None):
     """Boolean array: class removed. Returns (removed, threshold, collapsed block names).
+
+    ``widen(removed, layers, allowed)`` (round_to="auto": slimcore.widths) may put back removed
+    classes per layer after the criterion's, min_channels' and max_layer_ratio's choices.
 
     ``blocks``: [(name, internal class ids)] of residual blocks that may collapse: if the
     threshold empties any layer inside a block's branch, the whole branch goes (the block becomes
@@ -211,7 +221,11 @@ def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, b
         if name in collapsed:
             protected[internal] = True
     base = ~classes.is_selection & ~protected
+    if round_to == "auto":
+        round_to = 1
     _restore(classes, removed, classes.layers(base), round_to, min_channels, classes.candidate, max_layer_ratio)
+    if widen is not None:
+        widen(removed, classes.layers(base), classes.candidate)
     # A selection channel goes when its input channel goes (to a fixed point: selections can chain).
     forced = np.zeros(classes.n, dtype=bool)
     while True:
@@ -524,7 +538,7 @@ def _module_names(model, items):
 
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
-          history=None, seed=0, leaf_modules=()):
+          history=None, seed=0, leaf_modules=(), device=None, latency_table=None):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -538,7 +552,9 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         scope: "global" (one threshold over all prunable channels: for bn_scale on conv-BN
             chains, the paper's percentile of |gamma|) or "layer" (each layer loses ``ratio``
             of its channels).
-        round_to: keep channel counts multiples of this (by keeping more, never fewer).
+        round_to: keep channel counts multiples of this (by keeping more, never fewer); or
+            "auto": per layer, keep more channels only where a measured width is faster
+            (slimcore.widths: timed on ``device``, cached; the choices are in ``report.widths``).
         min_channels: no layer keeps fewer channels than this.
         max_layer_ratio: no layer loses more than this share of its channels (1.0: no limit).
         collapse_blocks: when the threshold would empty a layer inside a residual block's branch
@@ -563,6 +579,10 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         history: a ``slimcore.FilterHistory`` for criterion "hbfp".
         seed: for criterion "random".
         leaf_modules: submodules or classes torch.fx must not trace into; their channels stay.
+        device: where round_to="auto" times layers (default: the model's device), at the model's
+            dtype and example_inputs' batch size.
+        latency_table: a ``slimcore.widths.LatencyTable`` for round_to="auto" (its own device,
+            dtype, batch, memory format and cache); overrides ``device``.
     """
     start = time.perf_counter()
     _check_args(ratio, criterion, scope, round_to, min_channels)
@@ -573,7 +593,14 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     scores = atom_scores(graph, criterion, history=history, seed=seed)
     classes = _Classes(graph, scores)
     blocks = _collapsible_blocks(graph, classes, compensate) if collapse_blocks else []
-    removed, threshold, collapsed = decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio, blocks)
+    width_choices, widen = [], None
+    if round_to == "auto":
+        table = latency_table or _default_latency_table(model, inputs, device)
+
+        def widen(removed, layers, allowed):
+            width_choices.extend(choose_widths(classes, removed, layers, allowed, table))
+    removed, threshold, collapsed = decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio, blocks,
+                                           widen)
     kept_atom = ~removed[classes.of_atom]
     plans = _plans(graph, kept_atom)
     in_collapsed = {plan.name for plan in plans if any(plan.name.startswith(b + ".") for b in collapsed)}
@@ -652,7 +679,16 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         compensated={name: int(len(_removed_inputs(next(pl for pl in plans if pl.name == name))))
                      for name in deltas},
         compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed,
+        widths=[c.as_dict() for c in width_choices],
     )
+
+
+def _default_latency_table(model, inputs, device):
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = device if device is not None else (param.device if param is not None else "cpu")
+    batch = inputs[0].shape[0] if inputs and torch.is_tensor(inputs[0]) and inputs[0].dim() > 0 else 1
+    return LatencyTable(device, dtype=dtype, batch=batch)
 
 
 # ---------------------------------------------------------------------------------------- save / load

@@ -49,6 +49,20 @@ def test_latency_script_writes_its_schema(tmp_path, options):
     assert (tmp_path / "latency.png").exists()
 
 
+def test_several_round_to_values_including_auto_in_one_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMCORE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "latency.json"
+    latency.main(["--models", "lenet5", "--ratios", "0.5", "--batch-sizes", "4", "--repeats", "3",
+                  "--round-seconds", "0.01", "--round-to", "1,8,auto", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    assert [r["round_to"] for r in records] == [1, 8, "auto"]
+    assert len({r["latency_dense_ms"] for r in records}) == 1  # one dense model, timed once against all
+    by = {r["round_to"]: r for r in records}
+    assert by[1]["flops_slim"] <= by["auto"]["flops_slim"]  # auto only keeps more channels
+    assert isinstance(by["auto"]["auto_widened_layers"], int) and by[1]["auto_widened_layers"] is None
+    assert list((tmp_path / "cache").glob("latency-cpu-*.json"))
+
+
 def test_drawn_gammas_make_the_global_threshold_remove_the_share():
     dense, shape = latency.build("preresnet56")
     report = slimcore.prune(copy.deepcopy(dense), torch.randn(1, *shape), ratio=0.5, dry_run=True)

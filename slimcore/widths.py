@@ -1,0 +1,281 @@
+"""Latency-aware channel counts: ``slimcore.prune(..., round_to="auto")``.
+
+A conv's time does not fall smoothly with its width: GEMM and direct-conv kernels work in blocks
+of 4/8/16/... channels, so 61 channels can cost as much as 64, or more. ``round_to=N`` snaps every
+layer to a multiple of N whether it helps or not. ``round_to="auto"`` measures instead:
+
+1. the criterion decides how many channels k each layer keeps (as with ``round_to=1``);
+2. per layer, the candidate widths are k and k rounded up to multiples of 4, 8, 16, 32 and 64
+   (never above the layer's size, never below k: accuracy is never traded, only channels the
+   criterion would have removed are kept);
+3. a candidate's cost is the measured time of every conv/linear that produces the layer's channels
+   (its output width) or reads them (its input width), at the current widths of their other side;
+4. coordinate descent over the layers (two sweeps) moves a layer to its fastest candidate when
+   that beats the current choice by ``margin`` (5%: timing noise must not buy FLOPs).
+
+Timings come from a :class:`LatencyTable`: the lower quartile of repeated forward calls of a
+standalone layer of that shape, interleaved with the other candidates of the same layer, per device, dtype, batch, input size, memory format and thread count, cached
+in memory and in a JSON file (``$SLIMCORE_CACHE_DIR`` or ``~/.cache/slimcore``), so a model is
+measured once per device. What is not timed: BatchNorm, activations and other element-wise work,
+which scale linearly with width; the snap-ups are small, so they add little, and the benchmark
+(benchmarks/latency.py --round-to auto) measures the whole model.
+"""
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+STEPS = (4, 8, 16, 32, 64)
+_TIMED_KINDS = ("conv", "grouped_conv", "depthwise_conv", "linear")
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return name
+
+
+class LatencyTable:
+    """Measured forward time of standalone conv/linear layers, by shape, cached.
+
+    Args:
+        device: where to time (default: CPU).
+        dtype: activation and weight dtype (default float32).
+        batch: batch size to time at (default: the example inputs' batch, set by prune).
+        channels_last: time 4-D inputs in NHWC.
+        cache_dir: directory of the JSON cache (default ``$SLIMCORE_CACHE_DIR`` or
+            ``~/.cache/slimcore``); None with ``persist=False`` keeps it in memory only.
+        min_seconds, min_runs: each shape runs at least this often and, together, this long per shape.
+    """
+
+    def __init__(self, device="cpu", dtype=torch.float32, batch=None, channels_last=False, cache_dir=None,
+                 persist=True, min_seconds=0.05, min_runs=5):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype, self.batch, self.channels_last = dtype, batch, channels_last
+        self.min_seconds, self.min_runs = min_seconds, min_runs
+        self.measured = 0  # timings taken (not from the cache) by this table
+        self.entries = {}
+        self.path = None
+        if persist:
+            cache_dir = cache_dir or os.environ.get("SLIMCORE_CACHE_DIR") or os.path.join(
+                os.path.expanduser("~"), ".cache", "slimcore")
+            tag = "".join(c if c.isalnum() else "-" for c in _device_name(self.device))[:80]
+            self.path = os.path.join(cache_dir, f"latency-{self.device.type}-{tag}-torch{torch.__version__}.json")
+            self._load()
+
+    def _load(self):
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            self.entries = {k: float(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError):
+            self.entries = {}  # no cache yet, or an unreadable one: measure again
+
+    def save(self):
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.entries, f, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)  # atomic: concurrent writers never leave a half-written cache
+
+    def key(self, layer, cin, cout, in_shape):
+        spatial = "x".join(str(s) for s in in_shape[2:])
+        return (f"{layer.describe()}|in={cin}|out={cout}|batch={self.batch}|spatial={spatial}|{self.dtype}"
+                f"|cl={int(self.channels_last)}|threads={torch.get_num_threads()}")
+
+    def time(self, layer, cin, cout, in_shape):
+        """Seconds per forward of ``layer`` (a TimedLayer) at these widths; measured once."""
+        k = self.key(layer, cin, cout, in_shape)
+        if k not in self.entries:
+            self.prefetch([(layer, cin, cout, in_shape)])
+        return self.entries[k]
+
+    def prefetch(self, requests):
+        """Measures every (layer, cin, cout, in_shape) not in the table yet, interleaved: rounds
+        run each shape in turn, so drift and neighbours' noise hit all candidates alike."""
+        todo = {}
+        for layer, cin, cout, in_shape in requests:
+            k = self.key(layer, cin, cout, in_shape)
+            if k not in self.entries and k not in todo:
+                todo[k] = (layer, cin, cout, in_shape)
+        if todo:
+            for k, seconds in zip(todo, self.measure([r for r in todo.values()])):
+                self.entries[k] = seconds
+            self.measured += len(todo)
+
+    def measure(self, requests):
+        """Seconds per forward of each (layer, cin, cout, in_shape): the lower quartile over
+        interleaved rounds (interference on a shared machine only adds time)."""
+        runs = []
+        for layer, cin, cout, in_shape in requests:
+            module, x = layer.instantiate(cin, cout, in_shape, self.batch or in_shape[0], self.device, self.dtype,
+                                          self.channels_last)
+            runs.append((module, x))
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        times = [[] for _ in runs]
+        with torch.no_grad():
+            for module, x in runs:
+                for _ in range(2):
+                    module(x)
+            sync()
+            start = time.perf_counter()
+            while len(times[0]) < self.min_runs or (time.perf_counter() - start < self.min_seconds * len(runs)
+                                                    and len(times[0]) < 200):
+                for (module, x), ts in zip(runs, times):
+                    t0 = time.perf_counter()
+                    module(x)
+                    sync()
+                    ts.append(time.perf_counter() - t0)
+        return [float(np.percentile(ts, 25)) for ts in times]
+
+
+@dataclass
+class TimedLayer:
+    """A conv or linear of the model, as a shape to time at other widths."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    out_classes: np.ndarray  # class of each output channel
+    in_classes: np.ndarray  # class of each input channel (all groups)
+    in_shape: tuple
+
+    def describe(self):
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return f"linear|bias={m.bias is not None}"
+        groups = "dw" if self.kind == "depthwise_conv" else m.groups
+        return (f"{type(m).__name__}|k={tuple(m.kernel_size)}|s={tuple(m.stride)}|p={m.padding}|d={tuple(m.dilation)}"
+                f"|g={groups}|bias={m.bias is not None}")
+
+    def widths(self, kept_class):
+        return int(kept_class[self.in_classes].sum()), int(kept_class[self.out_classes].sum())
+
+    def instantiate(self, cin, cout, in_shape, batch, device, dtype, channels_last):
+        m = self.module
+        factory = dict(device=device, dtype=dtype)
+        if isinstance(m, nn.Linear):
+            module = nn.Linear(cin, cout, bias=m.bias is not None, **factory)
+            x = torch.randn(batch, cin, **factory)
+            return module.eval(), x
+        groups = cin if self.kind == "depthwise_conv" else m.groups
+        module = type(m)(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
+                         m.padding_mode, **factory)
+        x = torch.randn(batch, cin, *in_shape[2:], **factory)
+        if channels_last and x.dim() == 4:
+            module = module.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return module.eval(), x
+
+
+@dataclass
+class WidthChoice:
+    """One layer's channel count: what the criterion asked, what was chosen, and the timings."""
+
+    layer: str  # the producing modules' names
+    asked: int
+    chosen: int
+    size: int
+    seconds: dict = field(default_factory=dict)  # candidate width -> summed time of the layers it touches
+
+    def as_dict(self):
+        return {"layer": self.layer, "asked": self.asked, "chosen": self.chosen, "size": self.size,
+                "ms": {str(w): round(s * 1e3, 4) for w, s in self.seconds.items()}}
+
+
+def timed_layers(graph, classes):
+    layers = []
+    for mc in graph.modules.values():
+        shape = graph.in_shapes.get(mc.name)
+        if mc.kind not in _TIMED_KINDS or shape is None:
+            continue
+        if mc.kind == "linear" and len(shape) != 2:
+            continue  # a Linear over a sequence: not timed (rare in CNNs)
+        layers.append(TimedLayer(mc.name, mc.module, mc.kind, classes.of_atom[mc.out_atoms],
+                                 classes.of_atom[mc.in_atoms], shape))
+    return layers
+
+
+def choose_widths(classes, removed, groups, allowed, table, margin=0.05, sweeps=2):
+    """Widens layers of ``groups`` ({layer id: class ids}) in ``removed`` (in place) to their
+    fastest measured candidate width; returns the list of WidthChoice."""
+    from .prune import _round_up
+
+    layers = timed_layers(classes.graph, classes)
+    touching = {}  # layer id -> timed layers whose input or output holds its classes
+    for t in layers:
+        for lid in set(classes.layer[t.out_classes].tolist()) | set(classes.layer[t.in_classes].tolist()):
+            touching.setdefault(lid, []).append(t)
+    plans = {}
+    for lid, members in groups.items():
+        if lid not in touching:
+            continue
+        m = int(classes.multiplicity[members[0]])
+        n = len(members)
+        kept = int((~removed[members]).sum())
+        if kept == 0 or kept == n:
+            continue
+        spare = members[removed[members] & allowed[members]]
+        spare = spare[np.argsort(-classes.score[spare], kind="stable")]  # best first, as _restore does
+        candidates = sorted({kept} | {min(kept + len(spare), _round_up(kept, m, s, n)) for s in STEPS})
+        plans[lid] = (kept, n, spare, candidates)
+    if not plans:
+        return []
+    start_removed = removed.copy()
+
+    def requests(lid):
+        kept_class = ~removed
+        return [(t, *t.widths(kept_class), t.in_shape) for t in touching[lid]]
+
+    def set_width(lid, width):
+        kept, _, spare, _ = plans[lid]
+        removed[spare] = start_removed[spare]
+        removed[spare[: width - kept]] = False
+
+    chosen = {lid: p[0] for lid, p in plans.items()}
+    timings = {lid: {} for lid in plans}
+    for _ in range(sweeps):
+        changed = False
+        for lid, (kept, n, spare, candidates) in plans.items():
+            needed = {}
+            for width in candidates:
+                set_width(lid, width)
+                needed[width] = requests(lid)
+            table.prefetch([r for rs in needed.values() for r in rs])
+            seconds = {w: sum(table.time(*r) for r in rs) for w, rs in needed.items()}
+            timings[lid] = seconds
+            best = min(candidates, key=lambda w: (seconds[w], w))
+            current = chosen[lid]
+            if best != current and seconds[best] < (1 - margin) * seconds[current]:
+                chosen[lid], changed = best, True
+            set_width(lid, chosen[lid])
+        if not changed:
+            break
+    table.save()
+    out = []
+    for lid, (kept, n, _, _) in plans.items():
+        names = [t.name for t in touching[lid] if (classes.layer[t.out_classes] == lid).any()]
+        m = int(classes.multiplicity[groups[lid][0]])
+        out.append(WidthChoice(",".join(names) or f"layer {lid}", kept * m, chosen[lid] * m, n * m,
+                               {w * m: s for w, s in timings[lid].items()}))
+    return out

@@ -1,0 +1,119 @@
+"""round_to="auto" (slimcore/widths.py): latency-aware channel counts.
+
+The choice logic is tested with a table whose "timings" come from a known cost model (so the right
+answer is computable); real timing, the cache and the report are tested on a tiny model."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torchvision
+
+import slimcore
+from slimcore import models
+from slimcore.widths import LatencyTable
+from helpers import assert_same_function, randomize_batchnorms, zero_removed
+
+
+class BlockCostTable(LatencyTable):
+    """Time = MACs with both widths rounded up to multiples of 16, plus a big penalty for an input
+    width that is not a multiple of 8: the fastest width is known for every layer."""
+
+    def __init__(self, **kwargs):
+        super().__init__(persist=False, **kwargs)
+        self.calls = []
+
+    def measure(self, requests):
+        return [self.cost(*r) for r in requests]
+
+    def cost(self, layer, cin, cout, in_shape):
+        self.calls.append((layer.name, cin, cout))
+        up = lambda c: -(-c // 16) * 16  # noqa: E731
+        spatial = 1
+        for s in in_shape[2:]:
+            spatial *= s
+        k = 1
+        for s in getattr(layer.module, "kernel_size", ()):
+            k *= s
+        return 1e-9 * up(cin) * up(cout) * spatial * k * (3.0 if cin % 8 else 1.0)
+
+
+def widths(model):
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_auto_never_keeps_fewer_channels_and_prunes_exactly():
+    model = randomize_batchnorms(models.build("vgg11", width=0.5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = copy.deepcopy(model)
+    dense = copy.deepcopy(model)
+    ref = slimcore.prune(plain, x, ratio=0.5, compensate=False)
+    table = BlockCostTable(batch=2)
+    report = slimcore.prune(model, x, ratio=0.5, round_to="auto", latency_table=table, compensate=False)
+    # Never fewer channels than round_to=1, in every layer; and exactly the masked-model contract.
+    w_auto, w_plain = widths(model), widths(plain)
+    assert all(w_auto[n] >= w_plain[n] for n in w_plain)
+    zero_removed(dense, report.removed)
+    assert_same_function(model, dense, x)
+    assert (report.flops_after, report.params_after) == slimcore.profile(model, x)
+    # The report: every layer's asked width is round_to=1's, and the chosen one is the fastest
+    # candidate under the cost model (ties to the narrower one), widened only when it pays.
+    assert report.widths and table.calls
+    for choice in report.widths:
+        first = choice["layer"].split(",")[0]
+        assert choice["asked"] == w_plain[first] and choice["chosen"] == w_auto[first]
+        ms = {int(k): v for k, v in choice["ms"].items()}
+        assert choice["asked"] in ms and choice["chosen"] in ms
+        assert all(w >= choice["asked"] for w in ms)
+        assert ms[choice["chosen"]] <= min(ms.values()) / (1 - 0.05) * (1 + 1e-9)  # within the 5% margin
+    widened = [c for c in report.widths if c["chosen"] > c["asked"]]
+    assert widened, "the cost model makes odd widths slow: some layer must have been widened"
+    assert all(c["chosen"] % 8 == 0 or c["chosen"] == c["size"] for c in widened)
+    assert "round_to=auto" in str(report)
+    assert report.flops_after > ref.flops_after  # the widened layers cost FLOPs, by choice
+
+
+def test_auto_widens_residual_streams_and_depthwise_layers_consistently():
+    model = randomize_batchnorms(torchvision.models.mobilenet_v2(num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    dense = copy.deepcopy(model)
+    report = slimcore.prune(model, x, ratio=0.4, round_to="auto", latency_table=BlockCostTable(batch=1),
+                            compensate=False)
+    zero_removed(dense, report.removed)
+    assert_same_function(model, dense, x)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels
+
+
+def test_real_timings_are_cached_on_disk(tmp_path):
+    model = randomize_batchnorms(models.build("lenet5", in_channels=1, input_size=28)).eval()
+    x = torch.randn(4, 1, 28, 28)
+    table = LatencyTable(cache_dir=tmp_path, batch=4, min_seconds=0.0, min_runs=2)
+    first = slimcore.prune(copy.deepcopy(model), x, ratio=0.5, round_to="auto", latency_table=table)
+    assert table.measured > 0 and table.path.startswith(str(tmp_path))
+    cached = json.load(open(table.path))
+    assert len(cached) == table.measured and all(v > 0 for v in cached.values())
+    again = LatencyTable(cache_dir=tmp_path, batch=4)
+    second = slimcore.prune(copy.deepcopy(model), x, ratio=0.5, round_to="auto", latency_table=again)
+    assert again.measured == 0, "a second prune of the same shapes must read the cache"
+    assert second.widths == first.widths
+    (tmp_path / table.path.split("/")[-1]).write_text("{not json")
+    broken = LatencyTable(cache_dir=tmp_path, batch=4, min_seconds=0.0, min_runs=2)
+    slimcore.prune(copy.deepcopy(model), x, ratio=0.5, round_to="auto", latency_table=broken)
+    assert broken.measured > 0  # an unreadable cache is measured again, not an error
+
+
+def test_auto_uses_the_model_device_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMCORE_CACHE_DIR", str(tmp_path))
+    model = randomize_batchnorms(models.build("lenet5", in_channels=1, input_size=28)).eval()
+    report = slimcore.prune(model, torch.randn(2, 1, 28, 28), ratio=0.5, round_to="auto")
+    assert report.widths and list(tmp_path.glob("latency-cpu-*.json"))
+
+
+@pytest.mark.parametrize("bad", ["fast", 0, 2.5, True])
+def test_bad_round_to_is_refused(bad):
+    model = models.build("lenet5", in_channels=1, input_size=28)
+    with pytest.raises(ValueError, match="round_to must be an integer >= 1 or 'auto'"):
+        slimcore.prune(model, torch.randn(2, 1, 28, 28), round_to=bad)
