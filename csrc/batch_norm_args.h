@@ -11,6 +11,7 @@
 // Inputs in neither layout (sliced, transposed, expanded) are refused with a message naming the fix.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/string_view.h>
@@ -71,5 +72,17 @@ at::ScalarType batch_norm_acc_type(at::ScalarType input_type);
 
 // The dtype shared by the defined ones of weight/bias/running stats (the acc type if none is).
 at::ScalarType batch_norm_param_type(const at::Tensor& input, std::initializer_list<const std::optional<at::Tensor>*> params);
+
+// Runs f (a generic lambda taking a param_t value) with param_t = scalar_t, or float when the
+// parameters are float32 for half input.
+template <typename scalar_t, typename F>
+void with_param_type(at::ScalarType param_type, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (param_type == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else {
+    f(acc_t{});
+  }
+}
 
 }  // namespace slimcore

@@ -35,6 +35,7 @@ from .penalties import NAMES as PENALTY_NAMES
 from .profile import profile
 from .prune import SCOPES, prune, save_pruned
 from .train import Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
+from .widths import LatencyTable
 
 
 class CLIError(RuntimeError):
@@ -78,8 +79,22 @@ def _add_prune_args(p):
     p.add_argument("--ratio", default="0.5", help="one or more comma-separated prune ratios")
     p.add_argument("--criterion", default="bn_scale", choices=CRITERIA)
     p.add_argument("--scope", default="global", choices=SCOPES)
-    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--round-to", type=_round_to, default=1,
+                   help="keep channel counts multiples of N, or 'auto': snap up to measured faster widths")
+    p.add_argument("--latency-batch", type=int, default=64, help="batch size --round-to auto times layers at")
     p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--max-layer-ratio", type=float, default=1.0, help="no layer loses more than this share")
+    p.add_argument("--no-compensate", dest="compensate", action="store_false",
+                   help="drop removed channels' constant outputs instead of folding them into the next biases")
+
+
+def _round_to(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--round-to must be an integer or 'auto', got {text!r}") from None
 
 
 def parser():
@@ -94,6 +109,7 @@ def parser():
     p.add_argument("--run", required=True)
     p.add_argument("--source", default="train", help="stage to prune, relative to the run (default: train)")
     _add_prune_args(p)
+    p.add_argument("--name", default=None, help="stage directory name (default prune-<ratio>; one ratio only)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("finetune", help="fine-tune a pruned model (no penalty)")
     p.add_argument("--run", required=True)
@@ -218,7 +234,7 @@ def cmd_train(args, crash_after_epoch=None):
 
 
 def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
-                device="auto", out_dir=None):
+                device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64):
     """Prunes source_dir/model.pt at one ratio into out_dir (default run/prune-<ratio>); returns its
     report. Under torchrun, rank 0 prunes and the others read its report."""
     rank, world = distributed()
@@ -239,8 +255,10 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
     acc_before, _ = evaluate(model, test_loader, dev)
     x = example_input(meta, dev)
     flops_before, params_before = profile(model, x)
+    table = LatencyTable(dev, batch=latency_batch) if round_to == "auto" else None
     report = prune(model.eval(), x, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
-                   min_channels=min_channels)
+                   min_channels=min_channels, compensate=compensate, max_layer_ratio=max_layer_ratio,
+                   latency_table=table)
     acc_after, _ = evaluate(model, test_loader, dev)
     os.makedirs(out_dir, exist_ok=True)
     save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})
@@ -250,7 +268,9 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
               "size_before": file_size(source), "size_after": file_size(os.path.join(out_dir, "model.pt")),
               "channels_removed": report.channels_removed, "threshold": report.threshold,
               "channels": {k: list(v) for k, v in report.channels.items()}, "notes": report.notes,
-              "seconds": report.seconds}
+              "seconds": report.seconds, "compensate": compensate, "compensated_layers": len(report.compensated),
+              "compensation_max_error": report.compensation_max_error, "max_layer_ratio": max_layer_ratio,
+              "collapsed": report.collapsed, "widths": report.widths}
     _write_json(os.path.join(out_dir, "report.json"), result)
     if world > 1:
         torch.distributed.barrier()
@@ -269,8 +289,12 @@ def _print_prune_table(results):
 def cmd_prune(args):
     run = args.run
     _read_config(run)
+    ratios = _ratios(args.ratio)
+    if args.name and len(ratios) > 1:
+        raise CLIError("--name names one stage: give one --ratio with it")
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
-                           args.min_channels, args.device) for r in _ratios(args.ratio)]
+                           args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
+                           args.compensate, args.max_layer_ratio, args.latency_batch) for r in ratios]
     _print_prune_table(results)
     return results
 
@@ -325,7 +349,9 @@ def cmd_run(args):
         trained = train_stage(config, train_s, os.path.join(base, "train"), init_model=init, resume=args.resume)
         for r in ratios:
             pruned = prune_stage(args.out, os.path.join(base, "train"), r, args.criterion, args.scope, args.round_to,
-                                 args.min_channels, args.device, out_dir=os.path.join(base, f"prune-{_ratio_name(r)}"))
+                                 args.min_channels, args.device, out_dir=os.path.join(base, f"prune-{_ratio_name(r)}"),
+                                 compensate=args.compensate, max_layer_ratio=args.max_layer_ratio,
+                                 latency_batch=args.latency_batch)
             tuned = finetune_stage(args.out, os.path.join(base, f"prune-{_ratio_name(r)}"),
                                    os.path.join(base, f"finetune-{_ratio_name(r)}"), tune_s, resume=args.resume)
             summary.append({"pass": k, "ratio": r, "trained_acc": trained["test_acc"], **pruned,

@@ -45,6 +45,26 @@ def test_train_prune_finetune_report(tmp_path):
         assert (run / png).stat().st_size > 1000
 
 
+def test_prune_options_compensation_auto_widths_and_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMCORE_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "--out", run)
+    run_cli("prune", "--run", run, "--ratio", "0.5", "--no-compensate", "--name", "plain")
+    run_cli("prune", "--run", run, "--ratio", "0.5", "--round-to", "auto", "--latency-batch", "8",
+            "--max-layer-ratio", "0.9", "--name", "auto")
+    plain = json.load(open(run / "plain" / "report.json"))
+    auto = json.load(open(run / "auto" / "report.json"))
+    assert plain["compensate"] is False and plain["compensated_layers"] == 0
+    assert auto["compensate"] is True and auto["round_to"] == "auto" and auto["widths"]
+    assert all(w["chosen"] >= w["asked"] for w in auto["widths"])
+    assert all(after >= before * 0.1 - 1e-9 for before, after in auto["channels"].values())  # max_layer_ratio
+    model, meta = load_model(run / "auto" / "model.pt")
+    assert slimcore.profile(model, torch.zeros(1, *meta["input_shape"]))[1] == auto["params_after"]
+    assert cli.main(["prune", "--run", str(run), "--ratio", "0.3,0.5", "--name", "x"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--run", str(run), "--round-to", "fast"])
+
+
 def test_multi_pass_run_and_sweep_report(tmp_path):
     run_cli("run", *TINY, "--ratio", "0.5", "--passes", "2", "--finetune-epochs", "1", "--out", tmp_path / "a")
     summary = json.load(open(tmp_path / "a" / "summary.json"))

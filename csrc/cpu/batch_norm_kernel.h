@@ -364,17 +364,6 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
   });
 }
 
-// Runs f with param_t = scalar_t, or float when the parameters are float32 for half input.
-template <typename scalar_t, typename F>
-void with_param_type(at::ScalarType param_type, F&& f) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if (param_type == c10::CppTypeToScalarType<scalar_t>::value) {
-    f(scalar_t{});
-  } else {
-    f(acc_t{});
-  }
-}
-
 // ----------------------------------------------------------------------------------- backward
 
 // The grad_input coefficients of one channel.

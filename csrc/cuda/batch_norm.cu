@@ -458,16 +458,6 @@ dim3 rows_elementwise_grid(int64_t R, int64_t C) {
 
 // ----------------------------------------------------------------------------------- entries
 
-template <typename scalar_t, typename F>
-void with_param_type(at::ScalarType param_type, F&& f) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if (param_type == c10::CppTypeToScalarType<scalar_t>::value) {
-    f(scalar_t{});
-  } else {
-    f(acc_t{});
-  }
-}
-
 template <typename T>
 T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
