@@ -104,7 +104,10 @@ class LatencyTable:
                 f"|cl={int(self.channels_last)}|threads={torch.get_num_threads()}")
 
     def time(self, layer, cin, cout, in_shape):
-        """Seconds per forward of ``layer`` (a TimedLayer) at these widths; measured once."""
+        """Seconds per forward of ``layer`` (a TimedLayer) at these widths; measured once. A layer
+        with no input or output channel left (inside a collapsed block) costs nothing."""
+        if cin == 0 or cout == 0:
+            return 0.0
         k = self.key(layer, cin, cout, in_shape)
         if k not in self.entries:
             self.prefetch([(layer, cin, cout, in_shape)])
@@ -115,6 +118,8 @@ class LatencyTable:
         run each shape in turn, so drift and neighbours' noise hit all candidates alike."""
         todo = {}
         for layer, cin, cout, in_shape in requests:
+            if cin == 0 or cout == 0:
+                continue
             k = self.key(layer, cin, cout, in_shape)
             if k not in self.entries and k not in todo:
                 todo[k] = (layer, cin, cout, in_shape)

@@ -28,6 +28,7 @@ class BlockCostTable(LatencyTable):
         return [self.cost(*r) for r in requests]
 
     def cost(self, layer, cin, cout, in_shape):
+        assert cin > 0 and cout > 0, "an empty layer must not be timed"
         self.calls.append((layer.name, cin, cout))
         up = lambda c: -(-c // 16) * 16  # noqa: E731
         spatial = 1
@@ -85,6 +86,18 @@ def test_auto_widens_residual_streams_and_depthwise_layers_consistently():
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d) and m.groups > 1:
             assert m.groups == m.in_channels == m.out_channels
+
+
+def test_auto_after_collapsed_residual_blocks():
+    from test_collapse import dead_share, kill_branches
+
+    model = randomize_batchnorms(models.build("preresnet164")).eval()  # bottleneck blocks
+    kill_branches(model)
+    x = torch.randn(2, 3, 32, 32)
+    report = slimcore.prune(model, x, ratio=dead_share(model, x) + 0.2, round_to="auto",
+                            latency_table=BlockCostTable(batch=2))
+    assert report.collapsed and report.widths
+    assert (report.flops_after, report.params_after) == slimcore.profile(model, x)
 
 
 def test_real_timings_are_cached_on_disk(tmp_path):
