@@ -81,7 +81,7 @@ def _add_prune_args(p):
     p.add_argument("--scope", default="global", choices=SCOPES)
     p.add_argument("--round-to", type=_round_to, default=1,
                    help="keep channel counts multiples of N, or 'auto': snap up to measured faster widths")
-    p.add_argument("--latency-batch", type=int, default=64, help="batch size --round-to auto times layers at")
+    p.add_argument("--latency-batch", type=_positive_int, default=64, help="batch size --round-to auto times layers at")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--max-layer-ratio", type=float, default=1.0, help="no layer loses more than this share")
     p.add_argument("--no-compensate", dest="compensate", action="store_false",
@@ -92,9 +92,22 @@ def _round_to(text):
     if text == "auto":
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--round-to must be an integer or 'auto', got {text!r}") from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--round-to must be an integer >= 1 or 'auto', got {text!r}")
+    return value
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def parser():
@@ -109,7 +122,7 @@ def parser():
     p.add_argument("--run", required=True)
     p.add_argument("--source", default="train", help="stage to prune, relative to the run (default: train)")
     _add_prune_args(p)
-    p.add_argument("--name", default=None, help="stage directory name (default prune-<ratio>; one ratio only)")
+    p.add_argument("--name", default=None, help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads; one ratio only)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("finetune", help="fine-tune a pruned model (no penalty)")
     p.add_argument("--run", required=True)
@@ -292,6 +305,9 @@ def cmd_prune(args):
     ratios = _ratios(args.ratio)
     if args.name and len(ratios) > 1:
         raise CLIError("--name names one stage: give one --ratio with it")
+    if args.name and (os.path.normpath(args.name) == os.path.normpath(args.source) or args.name == "train"
+                      or args.name.startswith("finetune-") or os.sep in args.name or args.name.startswith(".")):
+        raise CLIError(f"--name {args.name!r} would overwrite another stage: choose a new directory name")
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
                            args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
                            args.compensate, args.max_layer_ratio, args.latency_batch) for r in ratios]

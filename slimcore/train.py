@@ -220,9 +220,15 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         raise ValueError("bn='fused' adds the penalty's subgradient inside the BatchNorm backward; "
                          "proximal mode needs bn='stock' (nn.BatchNorm + sparse_bn_step)")
     if fused:
-        from .nn import convert_bn, set_penalty_scale
+        from .nn import _SlimBatchNorm, convert_bn, revert_bn, set_penalty_scale
 
         convert_bn(model, penalty=pen, lam=s.lam, penalty_scale=1.0 / s.accumulate)
+        left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.weight is not None and not isinstance(m, _SlimBatchNorm)]
+        if left:  # they would train without any penalty
+            revert_bn(model)
+            raise ValueError(f"bn='fused' converts BatchNorm1d/2d only; {', '.join(left[:5])} "
+                             f"({type(model.get_submodule(left[0])).__name__}) would get no penalty: use bn='stock'")
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     milestones = sorted({max(1, int(round(f * s.epochs))) for f in s.milestones})

@@ -26,6 +26,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,17 +87,24 @@ class LatencyTable:
             with open(self.path) as f:
                 data = json.load(f)
             self.entries = {k: float(v) for k, v in data.items()}
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, TypeError):
             self.entries = {}  # no cache yet, or an unreadable one: measure again
 
     def save(self):
         if self.path is None:
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.entries, f, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)  # atomic: concurrent writers never leave a half-written cache
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.entries, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)  # atomic: concurrent writers never leave a half-written cache
+        except OSError as exc:  # e.g. a read-only home: the timings stay in memory for this table
+            warnings.warn(f"slimcore: cannot write the latency cache {self.path} ({exc}); set SLIMCORE_CACHE_DIR "
+                          "to a writable directory to keep timings between runs")
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
 
     def key(self, layer, cin, cout, in_shape):
         spatial = "x".join(str(s) for s in in_shape[2:])
@@ -131,12 +139,15 @@ class LatencyTable:
     def measure(self, requests):
         """Seconds per forward of each (layer, cin, cout, in_shape): the lower quartile over
         interleaved rounds (interference on a shared machine only adds time)."""
-        runs = []
+        runs, inputs = [], {}  # candidates reading the same input shape share one tensor (memory)
         for layer, cin, cout, in_shape in requests:
-            module, x = layer.instantiate(cin, cout, in_shape, self.batch or in_shape[0], self.device, self.dtype,
-                                          self.channels_last)
-            runs.append((module, x))
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+            shape = layer.input_shape(cin, in_shape, self.batch or in_shape[0])
+            if shape not in inputs:
+                x = torch.randn(shape, device=self.device, dtype=self.dtype)
+                inputs[shape] = x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+            runs.append((layer.instantiate(cin, cout, self.device, self.dtype, self.channels_last), inputs[shape]))
+        device = self.device
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         times = [[] for _ in runs]
         with torch.no_grad():
             for module, x in runs:
@@ -165,32 +176,36 @@ class TimedLayer:
     in_classes: np.ndarray  # class of each input channel (all groups)
     in_shape: tuple
 
+    def conv_class(self):
+        # The torch.nn conv of the module's dimension: a CompensatedConv (already pruned) or a user's
+        # subclass times as the plain conv it computes, and shares its cache entries.
+        return next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(self.module, c))
+
     def describe(self):
         m = self.module
         if isinstance(m, nn.Linear):
             return f"linear|bias={m.bias is not None}"
         groups = "dw" if self.kind == "depthwise_conv" else m.groups
-        return (f"{type(m).__name__}|k={tuple(m.kernel_size)}|s={tuple(m.stride)}|p={m.padding}|d={tuple(m.dilation)}"
-                f"|g={groups}|bias={m.bias is not None}")
+        return (f"{self.conv_class().__name__}|k={tuple(m.kernel_size)}|s={tuple(m.stride)}|p={m.padding}"
+                f"|d={tuple(m.dilation)}|g={groups}|bias={m.bias is not None}|pm={m.padding_mode}")
 
     def widths(self, kept_class):
         return int(kept_class[self.in_classes].sum()), int(kept_class[self.out_classes].sum())
 
-    def instantiate(self, cin, cout, in_shape, batch, device, dtype, channels_last):
+    def input_shape(self, cin, in_shape, batch):
+        return (batch, cin) if isinstance(self.module, nn.Linear) else (batch, cin, *in_shape[2:])
+
+    def instantiate(self, cin, cout, device, dtype, channels_last):
         m = self.module
         factory = dict(device=device, dtype=dtype)
         if isinstance(m, nn.Linear):
-            module = nn.Linear(cin, cout, bias=m.bias is not None, **factory)
-            x = torch.randn(batch, cin, **factory)
-            return module.eval(), x
+            return nn.Linear(cin, cout, bias=m.bias is not None, **factory).eval()
         groups = cin if self.kind == "depthwise_conv" else m.groups
-        module = type(m)(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
-                         m.padding_mode, **factory)
-        x = torch.randn(batch, cin, *in_shape[2:], **factory)
-        if channels_last and x.dim() == 4:
+        module = self.conv_class()(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                                   m.bias is not None, m.padding_mode, **factory)
+        if channels_last and len(m.kernel_size) == 2:
             module = module.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        return module.eval(), x
+        return module.eval()
 
 
 @dataclass

@@ -49,20 +49,37 @@ def test_prune_options_compensation_auto_widths_and_names(tmp_path, monkeypatch)
     monkeypatch.setenv("SLIMCORE_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     run_cli("train", *TINY, "--out", run)
-    run_cli("prune", "--run", run, "--ratio", "0.5", "--no-compensate", "--name", "plain")
-    run_cli("prune", "--run", run, "--ratio", "0.5", "--round-to", "auto", "--latency-batch", "8",
-            "--max-layer-ratio", "0.9", "--name", "auto")
+    run_cli("prune", "--run", run, "--ratio", "0.8", "--no-compensate", "--name", "plain")
+    run_cli("prune", "--run", run, "--ratio", "0.8", "--round-to", "auto", "--latency-batch", "8",
+            "--max-layer-ratio", "0.7", "--name", "auto")
     plain = json.load(open(run / "plain" / "report.json"))
     auto = json.load(open(run / "auto" / "report.json"))
     assert plain["compensate"] is False and plain["compensated_layers"] == 0
     assert auto["compensate"] is True and auto["round_to"] == "auto" and auto["widths"]
     assert all(w["chosen"] >= w["asked"] for w in auto["widths"])
-    assert all(after >= before * 0.1 - 1e-9 for before, after in auto["channels"].values())  # max_layer_ratio
+    share = lambda rep: min(after / before for before, after in rep["channels"].values())  # noqa: E731
+    assert share(plain) < 0.3 <= share(auto), "max_layer_ratio=0.7: every layer keeps >= 30%"
     model, meta = load_model(run / "auto" / "model.pt")
     assert slimcore.profile(model, torch.zeros(1, *meta["input_shape"]))[1] == auto["params_after"]
     assert cli.main(["prune", "--run", str(run), "--ratio", "0.3,0.5", "--name", "x"]) == 2
-    with pytest.raises(SystemExit):
-        cli.main(["prune", "--run", str(run), "--round-to", "fast"])
+    assert cli.main(["prune", "--run", str(run), "--ratio", "0.3", "--name", "train"]) == 2  # never the source
+    for bad in (["--round-to", "fast"], ["--round-to", "0"], ["--latency-batch", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(["prune", "--run", str(run), *bad])
+
+
+def test_fused_bn_refuses_batchnorms_it_cannot_convert(tmp_path):
+    class MyBatchNorm(torch.nn.BatchNorm2d):  # a subclass may do more than normalise: not converted
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), MyBatchNorm(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(10))
+    train, _, _, spec = data.datasets("synthetic")
+    loader = data.Loader(train, spec, 64, train=True, sampler=_FirstSamples(64))
+    with pytest.raises(ValueError, match="would get no penalty"):
+        fit(model, loader, None, None, Settings(epochs=1, batch_size=64, lam=1e-3, bn="fused", quiet=True),
+            str(tmp_path), {}, torch.device("cpu"))
+    assert type(model[1]) is MyBatchNorm
 
 
 def test_multi_pass_run_and_sweep_report(tmp_path):

@@ -98,6 +98,33 @@ def test_auto_after_collapsed_residual_blocks():
                             latency_table=BlockCostTable(batch=2))
     assert report.collapsed and report.widths
     assert (report.flops_after, report.params_after) == slimcore.profile(model, x)
+    assert all(w["chosen"] >= w["asked"] > 0 for w in report.widths)
+
+
+def test_auto_prunes_an_already_pruned_model_again():
+    """A second pass sees CompensatedConv2d layers (the first pass's bias compensation): they are
+    timed as the plain convs they compute."""
+    model = randomize_batchnorms(models.build("vgg11", width=0.25)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    slimcore.prune(model, x, ratio=0.5)
+    assert any(isinstance(m, slimcore.nn.CompensatedConv2d) for m in model.modules())
+    table = LatencyTable(batch=2, persist=False, min_seconds=0.0, min_runs=1)
+    dense = copy.deepcopy(model)
+    report = slimcore.prune(model, x, ratio=0.3, round_to="auto", latency_table=table, compensate=False)
+    assert report.widths and table.measured > 0
+    assert all(k.startswith("Conv2d|") or k.startswith("linear|") for k in table.entries)
+    zero_removed(dense, report.removed)
+    assert_same_function(model, dense, x)
+
+
+def test_an_unwritable_cache_warns_and_keeps_the_timings(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    table = LatencyTable(cache_dir=blocker / "cache", batch=2, min_seconds=0.0, min_runs=1)
+    model = randomize_batchnorms(models.build("lenet5", in_channels=1, input_size=28)).eval()
+    with pytest.warns(UserWarning, match="cannot write the latency cache"):
+        report = slimcore.prune(model, torch.randn(2, 1, 28, 28), ratio=0.5, round_to="auto", latency_table=table)
+    assert report.widths and table.entries
 
 
 def test_real_timings_are_cached_on_disk(tmp_path):
