@@ -88,26 +88,18 @@ def _add_prune_args(p):
                    help="drop removed channels' constant outputs instead of folding them into the next biases")
 
 
+def _positive_int(text, expected="an integer >= 1"):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
+
+
 def _round_to(text):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--round-to must be an integer >= 1 or 'auto', got {text!r}")
-    return value
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    return text if text == "auto" else _positive_int(text, "an integer >= 1 or 'auto'")
 
 
 def parser():
