@@ -204,12 +204,13 @@ def main(argv=None):
         flops_dense, params_dense = slimcore.profile(dense, example)
         for bs in ([32 if shape[-1] <= 32 else 4] if auto_batch else batch_sizes):
             slims = {}  # (ratio, round_to) -> (model, flops, params, widened layers)
+            # round_to="auto" times layers at this batch, dtype, memory format and device: one table per
+            # batch size, so the ratios share its timings (prune ignores it for other round_to values).
+            table = LatencyTable(device, dtype=dtype, batch=bs, channels_last=args.channels_last) \
+                if "auto" in round_tos else None
             for ratio in ratios:
                 for round_to in round_tos:
                     slim = copy.deepcopy(dense)
-                    table = None
-                    if round_to == "auto":  # timed at this batch, dtype, memory format and device
-                        table = LatencyTable(device, dtype=dtype, batch=bs, channels_last=args.channels_last)
                     report = slimcore.prune(slim, example, ratio=ratio, round_to=round_to, latency_table=table)
                     widened = sum(w["chosen"] != w["asked"] for w in report.widths)
                     slims[ratio, round_to] = (slim, *slimcore.profile(slim, example), widened)

@@ -27,6 +27,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out_dir, name):
+    """Writes fig as out_dir/name (PNG), closes it, returns name."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _json(path):
     with open(path) as f:
         return json.load(f)
@@ -93,11 +101,7 @@ def report_run(run, out_dir):
             ax2.set_xlabel("channel (sorted)")
             ax2.set_ylabel("|gamma|")
             ax2.set_title("sorted |gamma| with prune thresholds")
-            name = f"{tag}_gamma.png"
-            fig.tight_layout()
-            fig.savefig(os.path.join(out_dir, name), dpi=110)
-            plt.close(fig)
-            figures.append(name)
+            figures.append(_save(plt, fig, out_dir, f"{tag}_gamma.png"))
         stage_dirs = [os.path.join(base, "train")] + sorted(glob.glob(os.path.join(base, "finetune-*")))
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, d in enumerate(stage_dirs):
@@ -116,11 +120,7 @@ def report_run(run, out_dir):
         ax.set_title(f"accuracy per epoch{title}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        name = f"{tag}_accuracy.png"
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=110)
-        plt.close(fig)
-        figures.append(name)
+        figures.append(_save(plt, fig, out_dir, f"{tag}_accuracy.png"))
         if rows:
             ratios = [r["ratio"] for r in rows]
             fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -139,11 +139,7 @@ def report_run(run, out_dir):
             ax2.set_ylabel("fraction of the unpruned model")
             ax2.legend()
             ax2.grid(alpha=0.3)
-            name = f"{tag}_ratios.png"
-            fig.tight_layout()
-            fig.savefig(os.path.join(out_dir, name), dpi=110)
-            plt.close(fig)
-            figures.append(name)
+            figures.append(_save(plt, fig, out_dir, f"{tag}_ratios.png"))
             lines += [f"## Pruning{title}", "",
                       "| ratio | acc unpruned | acc pruned | acc fine-tuned | params | FLOPs | size MB |",
                       "|---|---|---|---|---|---|---|"]
@@ -182,9 +178,7 @@ def report_sweep(runs, out_dir):
                      f"{acc:.4f} | {(g < 1e-2).mean():.3f} | {(g == 0).mean():.3f} |")
     axes[0][0].set_ylabel("channels")
     fig.suptitle("gamma distribution after sparsity training")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "sweep_gamma.png"), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_dir, "sweep_gamma.png")
     lines += ["", "![gamma distributions](sweep_gamma.png)"]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:

@@ -262,6 +262,7 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     show = main and not s.quiet and sys.stderr.isatty()
     record = history[-1] if history else None
+    loss_scale = None  # the GradScaler scale the fused penalty was last set for
     for epoch in range(start_epoch, s.epochs):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
@@ -272,9 +273,10 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         for x, y in bar:
             optimizer.zero_grad(set_to_none=True)
             k = s.accumulate
-            if fused and scaler is not None:
+            if fused and scaler is not None and scaler.get_scale() != loss_scale:
                 # the penalty joins the scaled gradient, which unscale_ divides by the loss scale
-                set_penalty_scale(model, scaler.get_scale() / k)
+                loss_scale = scaler.get_scale()
+                set_penalty_scale(model, loss_scale / k)
             for j in range(k):
                 xm, ym = x[j::k], y[j::k]
                 sync = nullcontext() if (world == 1 or j == k - 1) else net.no_sync()
