@@ -24,7 +24,9 @@ about two minutes on a 2-core CPU. The project's CPU targets are measured at bat
 --round-to takes several values (e.g. 1,8,32,auto): each ratio then gets one slimmed model per
 value, all timed in the same interleaved rounds against the same dense model. "auto" is
 slimcore.prune(..., round_to="auto"): layer widths snapped up only where a measured width is
-faster (slimcore/widths.py), timed at the benchmark's batch, dtype, memory format and device.
+faster (slimcore/widths.py), timed at the benchmark's batch, dtype, memory format and device,
+and kept only if the whole pruned model (before --fold-bn) beat round_to=1's in prune's own check
+(records: auto_latency_check).
 
 Results: a JSON file (benchmarks/results/latency-<device>.json, or --out) whose records carry
 model, ratio, batch_size, device, dtype, threads, params/flops dense and slim, latencies, speed-ups
@@ -204,6 +206,7 @@ def main(argv=None):
         flops_dense, params_dense = slimcore.profile(dense, example)
         for bs in ([32 if shape[-1] <= 32 else 4] if auto_batch else batch_sizes):
             slims = {}  # (ratio, round_to) -> (model, flops, params, widened layers)
+            checks = {}  # (ratio, round_to) -> prune's whole-model check of the auto widths (None: none made)
             # round_to="auto" times layers at this batch, dtype, memory format and device: one table per
             # batch size, so the ratios share its timings (prune ignores it for other round_to values).
             table = LatencyTable(device, dtype=dtype, batch=bs, channels_last=args.channels_last) \
@@ -213,6 +216,7 @@ def main(argv=None):
                     slim = copy.deepcopy(dense)
                     report = slimcore.prune(slim, example, ratio=ratio, round_to=round_to, latency_table=table)
                     widened = sum(w["chosen"] != w["asked"] for w in report.widths)
+                    checks[ratio, round_to] = report.latency_check
                     slims[ratio, round_to] = (slim, *slimcore.profile(slim, example), widened)
             x = torch.randn(bs, *shape, device=device, dtype=dtype)
             if args.channels_last and x.dim() == 4:
@@ -235,6 +239,7 @@ def main(argv=None):
                     speedup=speedup, flops_speedup=flops_speedup, realised_fraction=speedup / flops_speedup,
                     slower_than_dense=slim_ms > dense_ms, **options, round_to=round_to,
                     auto_widened_layers=widened if round_to == "auto" else None,
+                    auto_latency_check=checks[ratio, round_to],
                 )
                 records.append(rec)
                 flag = "  SLOWER THAN DENSE" if rec["slower_than_dense"] else ""

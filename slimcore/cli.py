@@ -66,6 +66,8 @@ def _add_model_args(p):
     p.add_argument("--data-dir", default=None, help="where the data set's files are (never downloaded)")
     p.add_argument("--val-split", type=float, default=0.0, help="hold out this share of the training set")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--augment", default="auto", choices=data_mod.AUGMENTATIONS,
+                   help="training augmentation (auto: the data set's default; crop pads 2 on 28x28 images)")
     p.add_argument("--penalty", default="l1", choices=PENALTY_NAMES)
     p.add_argument("--lam", type=float, default=1e-4, help="sparsity strength (0: plain training)")
     p.add_argument("--p", type=float, default=0.5, help="exponent of lp / lpnorm")
@@ -172,7 +174,7 @@ def _data(config, settings, device, rank=0, world=1, batch_size=None):
     from torch.utils.data import DistributedSampler
 
     train, val, test, spec = data_mod.datasets(config["dataset"], config.get("data_dir"), config.get("val_split", 0.0),
-                                               seed=settings.seed)
+                                               seed=settings.seed, augment=config.get("augment", "auto"))
     bs = batch_size or settings.batch_size
     if bs % world:
         raise CLIError(f"batch size {bs} must be divisible by the {world} processes")
@@ -206,7 +208,7 @@ def _config_from_args(args, spec):
     if args.model in ("lenet5", "mlp"):
         kwargs["input_size"] = spec.size
     return {"model": args.model, "model_kwargs": kwargs, "dataset": args.dataset, "data_dir": args.data_dir,
-            "val_split": args.val_split, "input_shape": [spec.in_channels, spec.size, spec.size],
+            "val_split": args.val_split, "augment": args.augment, "input_shape": [spec.in_channels, spec.size, spec.size],
             "train": vars(args) | {"command": args.command}, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

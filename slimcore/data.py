@@ -223,19 +223,32 @@ def load(name, split, data_dir=None):
     raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
 
 
-def _spec(name, train):
+# Training-time augmentation: "auto" is each data set's default (random crops for CIFAR and SVHN,
+# flips for CIFAR, none for the 28x28 sets); "none", "crop" (pad 2 for 28x28, 4 otherwise, random
+# crop back) and "crop-flip" (also horizontal flips) choose it explicitly.
+AUGMENTATIONS = ("auto", "none", "crop", "crop-flip")
+
+
+def _spec(name, train, augment="auto"):
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     x = train.images.double() / 255
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).clamp(min=1e-6).tolist())
     classes = {"cifar100": 100}.get(name, 10)
-    crop = 4 if name in ("cifar10", "cifar100", "svhn") else 0
+    if augment == "auto":
+        crop = 4 if name in ("cifar10", "cifar100", "svhn") else 0
+        flip = name in ("cifar10", "cifar100")
+    else:
+        crop = 0 if augment == "none" else (2 if train.images.shape[-1] <= 28 else 4)
+        flip = augment == "crop-flip"
     return DataSpec(name, classes, train.images.shape[1], train.images.shape[-1], mean, std,
-                    crop_padding=crop, flip=name in ("cifar10", "cifar100"))
+                    crop_padding=crop, flip=flip)
 
 
-def datasets(name, data_dir=None, val_split=0.0, seed=0):
+def datasets(name, data_dir=None, val_split=0.0, seed=0, augment="auto"):
     """(train, val or None, test, DataSpec). ``val_split`` holds out that share of the training set
-    (a seeded random subset) for validation."""
+    (a seeded random subset) for validation; ``augment`` is one of AUGMENTATIONS."""
     if not 0.0 <= val_split < 1.0:
         raise ValueError(f"val_split must be in [0, 1), got {val_split}")
     train, test = load(name, "train", data_dir), load(name, "test", data_dir)
@@ -246,7 +259,7 @@ def datasets(name, data_dir=None, val_split=0.0, seed=0):
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         val = ArrayDataset(train.images[val_idx], train.labels[val_idx])
         train = ArrayDataset(train.images[train_idx], train.labels[train_idx])
-    return train, val, test, _spec(name, train)
+    return train, val, test, _spec(name, train, augment)
 
 
 # -------------------------------------------------------------------------------------------- loader

@@ -11,6 +11,7 @@ computes when the channels listed in ``PruneReport.removed`` are zeroed at the o
 listed modules.
 """
 
+import copy
 import math
 import os
 import time
@@ -59,6 +60,7 @@ class PruneReport:
     compensation_mean_error: float = 0.0  # example inputs (nonzero only at padded conv borders)
     collapsed: list = field(default_factory=list)  # residual blocks replaced by x + constant
     widths: list = field(default_factory=list)  # round_to="auto": per layer asked/chosen width and timings (ms)
+    latency_check: dict = None  # round_to="auto": whole-model ms at the chosen widths vs round_to=1, and which won
 
     @property
     def channels_removed(self):
@@ -84,6 +86,11 @@ class PruneReport:
             lines.append(f"  round_to=auto: {len(widened)} of {len(self.widths)} layers widened to a faster width")
             for w in widened[:20]:
                 lines.append(f"    {w['layer'][:40]:<40} {w['asked']:>6} -> {w['chosen']}  (ms: {w['ms']})")
+        if self.latency_check:
+            c = self.latency_check
+            verdict = "kept" if c["kept"] else "rejected: round_to=1's widths used"
+            lines.append(f"  whole model: {c['auto_ms']:.3f} ms at the chosen widths vs {c['round_to_1_ms']:.3f} ms "
+                         f"at round_to=1 ({verdict})")
         lines += [f"  note: {n}" for n in self.notes[:10]]
         return "\n".join(lines)
 
@@ -538,7 +545,7 @@ def _module_names(model, items):
 
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
-          history=None, seed=0, leaf_modules=(), device=None, latency_table=None):
+          history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -583,6 +590,10 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             dtype and example_inputs' batch size.
         latency_table: a ``slimcore.widths.LatencyTable`` for round_to="auto" (its own device,
             dtype, batch, memory format and cache); overrides ``device``.
+        check_latency: round_to="auto" only: when some layer was widened, time the whole model
+            pruned at the chosen widths against it pruned at round_to=1 (copies, interleaved) and
+            keep the chosen widths only if they are faster by ``slimcore.widths.MODEL_MARGIN``;
+            ``report.latency_check`` has both times. Never slower than round_to=1, as measured.
     """
     start = time.perf_counter()
     _check_args(ratio, criterion, scope, round_to, min_channels)
@@ -601,6 +612,15 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             width_choices.extend(choose_widths(classes, removed, layers, allowed, table))
     removed, threshold, collapsed = decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio, blocks,
                                            widen)
+    latency_check = None
+    if round_to == "auto" and check_latency and not dry_run and any(c.chosen != c.asked for c in width_choices):
+        same = dict(ratio=ratio, criterion=criterion, scope=scope, min_channels=min_channels, ignore=ignore,
+                    compensate=compensate, max_layer_ratio=max_layer_ratio, collapse_blocks=collapse_blocks,
+                    history=history, seed=seed, leaf_modules=leaf_modules)
+        latency_check = _whole_model_check(model, inputs, table, same)
+        if not latency_check["kept"]:
+            removed, threshold, collapsed = decide(classes, ratio, scope, 1, min_channels, max_layer_ratio, blocks,
+                                                   None)
     kept_atom = ~removed[classes.of_atom]
     plans = _plans(graph, kept_atom)
     in_collapsed = {plan.name for plan in plans if any(plan.name.startswith(b + ".") for b in collapsed)}
@@ -679,8 +699,26 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         compensated={name: int(len(_removed_inputs(next(pl for pl in plans if pl.name == name))))
                      for name in deltas},
         compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed,
-        widths=[c.as_dict() for c in width_choices],
+        widths=[c.as_dict() for c in width_choices], latency_check=latency_check,
     )
+
+
+def _whole_model_check(model, inputs, table, same):
+    """Times copies of ``model`` pruned at round_to="auto" (the choices ``table`` already holds,
+    so no layer is timed again) and at round_to=1; whether auto is faster by MODEL_MARGIN."""
+    from .widths import MODEL_MARGIN
+
+    variants = []
+    for round_to in ("auto", 1):
+        memo = {}
+        variant = copy.deepcopy(model, memo)
+        # submodules named by object (ignore, leaf_modules) become their copies
+        mapped = {k: [memo.get(id(m), m) if isinstance(m, nn.Module) else m for m in same[k]]
+                  for k in ("ignore", "leaf_modules")}
+        prune(variant, inputs, round_to=round_to, latency_table=table, check_latency=False, **(same | mapped))
+        variants.append(variant)
+    auto_s, plain_s = table.time_models(variants, inputs)
+    return {"auto_ms": auto_s * 1e3, "round_to_1_ms": plain_s * 1e3, "kept": auto_s < (1 - MODEL_MARGIN) * plain_s}
 
 
 def _default_latency_table(model, inputs, device):

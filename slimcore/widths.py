@@ -11,13 +11,19 @@ layer to a multiple of N whether it helps or not. ``round_to="auto"`` measures i
 3. a candidate's cost is the measured time of every conv/linear that produces the layer's channels
    (its output width) or reads them (its input width), at the current widths of their other side;
 4. coordinate descent over the layers (two sweeps) moves a layer to its fastest candidate when
-   that beats the current choice by ``margin`` (5%: timing noise must not buy FLOPs).
+   that beats the current choice by ``margin`` (5%: timing noise must not buy FLOPs);
+5. the whole model is then checked (``prune(..., check_latency=True)``, the default): the model
+   pruned at the chosen widths and the one pruned at the criterion's widths (``round_to=1``) are
+   timed against each other, interleaved, and the chosen widths are kept only if they are faster
+   by ``MODEL_MARGIN``; otherwise ``round_to=1``'s widths are used. Standalone layer timings miss
+   what a whole forward adds (BatchNorm, activations, cache effects), so only this check makes
+   "auto is never slower than round_to=1" hold as measured (``report.latency_check``).
 
 Timings come from a :class:`LatencyTable`: the lower quartile of repeated forward calls of a
 standalone layer of that shape, interleaved with the other candidates of the same layer, per device, dtype, batch, input size, memory format and thread count, cached
 in memory and in a JSON file (``$SLIMCORE_CACHE_DIR`` or ``~/.cache/slimcore``), so a model is
 measured once per device. What is not timed: BatchNorm, activations and other element-wise work,
-which scale linearly with width; the snap-ups are small, so they add little, and the benchmark
+which scale linearly with width (step 5 times them with the rest), and the benchmark
 (benchmarks/latency.py --round-to auto) measures the whole model.
 """
 
@@ -34,6 +40,7 @@ import torch
 from torch import nn
 
 STEPS = (4, 8, 16, 32, 64)
+MODEL_MARGIN = 0.02  # the chosen widths must make the whole model this much faster than round_to=1
 _TIMED_KINDS = ("conv", "grouped_conv", "depthwise_conv", "linear")
 
 
@@ -138,7 +145,7 @@ class LatencyTable:
 
     def measure(self, requests):
         """Seconds per forward of each (layer, cin, cout, in_shape): the lower quartile over
-        interleaved rounds (interference on a shared machine only adds time)."""
+        interleaved rounds."""
         runs, inputs = [], {}  # candidates reading the same input shape share one tensor (memory)
         for layer, cin, cout, in_shape in requests:
             shape = layer.input_shape(cin, in_shape, self.batch or in_shape[0])
@@ -146,23 +153,50 @@ class LatencyTable:
                 x = torch.randn(shape, device=self.device, dtype=self.dtype)
                 inputs[shape] = x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
             runs.append((layer.instantiate(cin, cout, self.device, self.dtype, self.channels_last), inputs[shape]))
-        device = self.device
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        times = [[] for _ in runs]
-        with torch.no_grad():
-            for module, x in runs:
-                for _ in range(2):
-                    module(x)
-            sync()
-            start = time.perf_counter()
-            while len(times[0]) < self.min_runs or (time.perf_counter() - start < self.min_seconds * len(runs)
-                                                    and len(times[0]) < 200):
-                for (module, x), ts in zip(runs, times):
-                    t0 = time.perf_counter()
-                    module(x)
-                    sync()
-                    ts.append(time.perf_counter() - t0)
-        return [float(np.percentile(ts, 25)) for ts in times]
+        return _interleaved_seconds([lambda m=m, x=x: m(x) for m, x in runs], self.device, self.min_runs,
+                                    self.min_seconds)
+
+    def time_models(self, models, example_inputs, min_runs=10, min_seconds=0.2):
+        """Seconds per forward of each whole model (eval mode, no grad), at this table's device,
+        dtype, batch (example inputs repeated along dim 0) and memory format: the lower quartile
+        of interleaved rounds. The models are moved there in place: pass copies."""
+        def batched(x):
+            if not torch.is_tensor(x):
+                return x
+            if self.batch and x.dim() > 0 and x.shape[0] != self.batch:
+                x = x[torch.arange(self.batch, device=x.device) % x.shape[0]]
+            x = x.to(self.device, dtype=self.dtype if x.is_floating_point() else None)
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+        inputs = tuple(batched(x) for x in example_inputs)
+        fns = []
+        for m in models:
+            m.to(self.device, self.dtype).eval()
+            if self.channels_last:
+                m.to(memory_format=torch.channels_last)
+            fns.append(lambda m=m: m(*inputs))
+        return _interleaved_seconds(fns, self.device, min_runs, min_seconds)
+
+
+def _interleaved_seconds(fns, device, min_runs, min_seconds, max_runs=200):
+    """Seconds per call of each fn: the lower quartile over interleaved rounds (interference on a
+    shared machine only adds time, and drift hits every candidate alike)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = [[] for _ in fns]
+    with torch.no_grad():
+        for fn in fns:
+            for _ in range(2):
+                fn()
+        sync()
+        start = time.perf_counter()
+        while len(times[0]) < min_runs or (time.perf_counter() - start < min_seconds * len(fns)
+                                           and len(times[0]) < max_runs):
+            for fn, ts in zip(fns, times):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                ts.append(time.perf_counter() - t0)
+    return [float(np.percentile(ts, 25)) for ts in times]
 
 
 @dataclass

@@ -11,8 +11,12 @@ from torch.library import opcheck
 from slimcore import ops, reference
 
 # (shape, memory format): odd spatial sizes, C not a multiple of any vector width, 1x1 spatial,
-# long runs (planes traversal) and short ones (columns traversal), BatchNorm1d's (N, C) and (N, C, L).
+# runs of 16..16384 values read row by row (runs traversal: several row blocks, vector steps and
+# tails), one sample (planes traversal when there are more threads than samples) or runs longer
+# than 16384 (planes), tiny runs (columns traversal), BatchNorm1d's (N, C) and (N, C, L).
 CASES = [
+    ((24, 130, 8, 8), "nchw"), ((5, 9, 11, 11), "nchw"), ((1, 6, 8, 8), "nchw"), ((1, 5, 20, 20), "nchw"),
+    ((2, 3, 130, 130), "nchw"),  # runs longer than kMaxRun: planes with any thread count
     ((4, 3, 5, 7), "nchw"), ((4, 3, 5, 7), "cl"),
     ((2, 13, 33, 17), "nchw"), ((2, 13, 33, 17), "cl"),
     ((8, 70, 3, 3), "nchw"), ((8, 70, 3, 3), "cl"),
@@ -115,7 +119,7 @@ def test_matches_nn_batchnorm(case, training, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mixed", [False, True], ids=["half-params", "fp32-params"])
 @pytest.mark.parametrize("case", [((4, 3, 5, 7), "nchw"), ((4, 13, 9, 9), "cl"), ((6, 70, 16, 16), "nchw"),
-                                  ((32, 19), "nchw")], ids=case_name)
+                                  ((24, 130, 8, 8), "nchw"), ((32, 19), "nchw")], ids=case_name)
 def test_half_inputs_match_fp32_math(case, mixed, dtype, device):
     """Half inputs: statistics in fp32. Compared with nn.BatchNorm in fp32 on the same (rounded) values."""
     shape, fmt = case

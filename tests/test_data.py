@@ -129,6 +129,31 @@ def test_augmentation_is_per_sample_not_per_batch():
     assert not torch.equal(torch.cat([x for x, _ in loader]), images(64))  # a new epoch draws anew
 
 
+def test_augment_choices():
+    """augment="auto" keeps each data set's default; the explicit choices set crop and flip (a
+    2-pixel pad on 28x28 images, 4 on 32x32); augmented batches differ from plain ones only by
+    moving or mirroring pixels."""
+    def spec(name, augment):
+        s = data.datasets(name, augment=augment)[3]
+        return s.crop_padding, s.flip
+
+    assert spec("synthetic", "auto") == (0, False) and spec("synthetic32", "auto") == (0, False)
+    assert spec("synthetic", "none") == (0, False)
+    assert spec("synthetic", "crop") == (2, False) and spec("synthetic", "crop-flip") == (2, True)
+    assert spec("synthetic32", "crop-flip") == (4, True)
+    train, _, _, plain = data.datasets("synthetic")
+    augmented = data.datasets("synthetic", augment="crop-flip")[3]
+    ordered = DistributedSampler(train, num_replicas=1, rank=0, shuffle=False)
+    x0 = next(iter(data.Loader(train, plain, 256, train=True, sampler=ordered)))[0]
+    x1 = next(iter(data.Loader(train, augmented, 256, train=True, sampler=ordered)))[0]
+    assert x0.shape == x1.shape and not torch.equal(x0, x1)
+    # a crop of the zero-padded image: every augmented pixel row is a (shifted, maybe mirrored)
+    # piece of the plain one, so the multiset of values per image can only lose pixels to padding
+    assert (x1.amax(dim=(1, 2, 3)) <= x0.amax(dim=(1, 2, 3)) + 1e-6).all()
+    with pytest.raises(ValueError, match="augment must be one of"):
+        data.datasets("synthetic", augment="mixup")
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown data set 'imagenet'"):
         data.load("imagenet", "train")

@@ -283,8 +283,14 @@ def test_torch_compile_matches_eager(backend):
         torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-5)
         y1.square().sum().backward()
         y2.square().sum().backward()
+        params = dict(eager.named_parameters())
         for (n, p1), (_, p2) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-            # (the Linear bias before the BatchNorm1d has a gradient of ~0: float noise; hence atol)
+            if n == "8.bias" and training:
+                # The Linear bias before the BatchNorm1d has an exactly zero gradient in training (BN
+                # removes the batch mean): both sides hold rounding noise at the weight gradient's scale.
+                noise = 1e-4 * params["8.weight"].grad.abs().max()
+                assert p1.grad.abs().max() <= noise and p2.grad.abs().max() <= noise, (p1.grad, p2.grad, noise)
+                continue
             torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
         for (n, b1), (_, b2) in zip(eager.named_buffers(), compiled_model.named_buffers()):
             torch.testing.assert_close(b2, b1, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")

@@ -5,6 +5,7 @@ answer is computable); real timing, the cache and the report are tested on a tin
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,6 +39,38 @@ class BlockCostTable(LatencyTable):
         for s in getattr(layer.module, "kernel_size", ()):
             k *= s
         return 1e-9 * up(cin) * up(cout) * spatial * k * (3.0 if cin % 8 else 1.0)
+
+    def time_models(self, models, example_inputs):
+        """The whole-model check under the same cost model: the sum over every conv and linear."""
+        totals = []
+        for model in models:
+            seen = []
+            hooks = [m.register_forward_hook(lambda m, args, out, n=n: seen.append((n, m, args[0].shape)))
+                     for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+            with torch.no_grad():
+                model.eval()(*example_inputs)
+            for h in hooks:
+                h.remove()
+            totals.append(sum(self.cost(SimpleNamespace(name=n, module=m), shape[1], self.out_width(m), shape)
+                              for n, m, shape in seen))
+        self.model_timings = totals
+        return totals
+
+    @staticmethod
+    def out_width(m):
+        return m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+
+
+class FixedVerdictTable(BlockCostTable):
+    """Layer costs as BlockCostTable; the whole-model check returns given times (auto, round_to=1)."""
+
+    def __init__(self, verdict, **kwargs):
+        super().__init__(**kwargs)
+        self.verdict = verdict
+
+    def time_models(self, models, example_inputs):
+        assert len(models) == 2
+        return list(self.verdict)
 
 
 def widths(model):
@@ -73,6 +106,46 @@ def test_auto_never_keeps_fewer_channels_and_prunes_exactly():
     assert all(c["chosen"] % 8 == 0 or c["chosen"] == c["size"] for c in widened)
     assert "round_to=auto" in str(report)
     assert report.flops_after > ref.flops_after  # the widened layers cost FLOPs, by choice
+
+
+def test_auto_keeps_round_to_1_widths_when_the_whole_model_is_not_faster():
+    """The whole-model check: chosen widths that do not make the model faster (here: the check
+    reports auto slower) give round_to=1's model; faster ones are kept. Both stay exact."""
+    base = randomize_batchnorms(models.build("vgg11", width=0.5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = copy.deepcopy(base)
+    slimcore.prune(plain, x, ratio=0.5, compensate=False)
+    for verdict, kept in (((2.0, 1.0), False), ((0.99, 1.0), False), ((0.5, 1.0), True)):
+        model, dense = copy.deepcopy(base), copy.deepcopy(base)
+        report = slimcore.prune(model, x, ratio=0.5, round_to="auto", latency_table=FixedVerdictTable(verdict, batch=2),
+                                compensate=False)
+        assert any(c["chosen"] > c["asked"] for c in report.widths)
+        check = report.latency_check
+        assert check["kept"] is kept
+        assert (check["auto_ms"], check["round_to_1_ms"]) == pytest.approx((verdict[0] * 1e3, verdict[1] * 1e3))
+        if kept:
+            assert widths(model) != widths(plain)
+            assert all(widths(model)[c["layer"].split(",")[0]] == c["chosen"] for c in report.widths)
+        else:
+            assert widths(model) == widths(plain)
+            assert "rejected" in str(report)
+        assert (report.flops_after, report.params_after) == slimcore.profile(model, x)
+        zero_removed(dense, report.removed)
+        assert_same_function(model, dense, x)
+    # No check asked for: the chosen widths stay whatever the whole model does.
+    model = copy.deepcopy(base)
+    report = slimcore.prune(model, x, ratio=0.5, round_to="auto", latency_table=FixedVerdictTable((2.0, 1.0), batch=2),
+                            compensate=False, check_latency=False)
+    assert report.latency_check is None and widths(model) != widths(plain)
+
+
+def test_whole_model_timing_on_copies_of_a_real_model():
+    """LatencyTable.time_models: real interleaved timings of whole models at the table's batch."""
+    table = LatencyTable(batch=4, persist=False)
+    small = models.build("vgg11", width=0.125).eval()
+    big = models.build("vgg11", width=0.5).eval()
+    seconds = table.time_models([small, big], (torch.randn(1, 3, 32, 32),), min_runs=5, min_seconds=0.0)
+    assert len(seconds) == 2 and 0 < seconds[0] < seconds[1]  # 16x the MACs
 
 
 def test_auto_widens_residual_streams_and_depthwise_layers_consistently():

@@ -2,21 +2,28 @@
 // grad_weight carries scale * dg(weight): the sparsity penalty, added where grad_weight is made.
 //
 // Statistics are computed in float32 (float64 for float64 input) by blocks: each block of at most
-// a few KB is summed, then its squared deviations from its own mean are summed while it is still
-// in cache (an exact two-pass within the block), and blocks are merged with Chan's formula in
+// a few KB is summed less a pivot (its first value, so float partial sums stay at the scale of the
+// spread even when |mean| >> std), then its squared deviations from its own mean are summed while it
+// is still in cache (an exact two-pass within the block), and blocks are merged with Chan's formula in
 // float64. Memory sees one read, not two, and cancellation never occurs (|mean| >> std is fine).
 //
-// Two traversals, picked by layout (csrc/batch_norm_args.h):
-//   planes   contiguous NCHW with long runs (spatial size S >= kMinSpan): one task per channel. The channel's
-//            statistics, then its output (forward) or its sums and grad_input (backward), are
-//            computed back to back, so the second pass over the channel mostly hits cache.
-//            (ATen's CPU batch norm computes all statistics first and transforms in another sweep.)
+// Three traversals, picked by layout (csrc/batch_norm_args.h) and shape (traversal_of):
+//   runs     contiguous NCHW (spatial size kMinRun <= S <= kMaxRun: 4x4 to 128x128 maps) with at least
+//            as many samples as threads: rows n of C runs of S values, read in memory order. Tasks
+//            split the rows; within a block of rows each channel's runs are summed, then their
+//            squared deviations (still in cache), into per-channel buffers (C values, not C*S); a
+//            second parallel pass over rows writes each run with its channel's scalar coefficients.
+//   planes   the other contiguous NCHW inputs with S >= kMinRun (fewer samples than threads, or
+//            runs longer than kMaxRun): one task per channel. The channel's statistics, then its
+//            output (forward) or its sums and grad_input (backward), are computed back to back;
+//            also NCHW with tiny S whose rows are too long for columns.
 //   columns  a matrix of R rows by W columns where column j belongs to channel j / Sc: channels_last
-//            and (N, C) inputs (R = N*S, W = C, Sc = 1), and NCHW with small S and C*S (R = N,
+//            and (N, C) inputs (R = N*S, W = C, Sc = 1), and NCHW with tiny S and small C*S (R = N,
 //            W = C*S, Sc = S). Tasks split the rows, accumulate per-column sums in buffers, the buffers are
 //            merged per channel, and a second parallel pass over rows writes the result with
 //            per-column coefficients.
-// Inner loops are plain loops that GCC vectorises at -O3.
+// Inner loops are plain loops that GCC vectorises at -O3, or GCC vector extensions where it would
+// not (the runs sums, the bfloat16 stores).
 //
 // The CPU BatchNorm kernels, compiled once per instruction set: included by batch_norm.cpp (baseline
 // x86-64 / any other CPU), batch_norm_avx2.cpp and batch_norm_avx512.cpp, each of which defines
@@ -36,6 +43,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -62,11 +71,16 @@ constexpr int64_t kPlaneBlock = 4096;
 constexpr int64_t kColumnBlockBytes = 256 * 1024;
 // Rows whose float partial sums are flushed to float64 at once (backward, columns).
 constexpr int64_t kColumnFlushRows = 64;
-// NCHW inputs use the columns traversal when their spans are short (S < kMinSpan: strided runs of a
-// few cache lines defeat the prefetcher) and a row is short enough (C*S <= kMaxColumns) for blocks
-// of several rows to stay in L2; the planes traversal otherwise. (Measured on the CIFAR/ImageNet
-// shapes of benchmarks/kernels.py --bn.)
-constexpr int64_t kMinSpan = 128;
+// NCHW inputs are read row by row in memory order where they can be: by runs when a run is long
+// enough to vectorise on its own (S >= kMinRun; per-column buffers would cost more traffic than the
+// data, 4-byte coefficients per 2-byte bfloat16 value) and short enough for a block of runs to stay
+// in cache between the two statistics passes (S <= kMaxRun); by columns when S is tiny and a row is
+// short enough (C*S <= kMaxColumns) for blocks of several rows to stay in L2; by planes otherwise.
+// Measured on the CIFAR/ImageNet shapes of benchmarks/kernels.py --bn (one thread, bfloat16): runs
+// beat planes by 1.9x on 64x64x32x32 and tie on 32x256x56x56 (memory-bound); planes' channel-strided
+// spans of a few cache lines defeat the prefetcher.
+constexpr int64_t kMinRun = 16;
+constexpr int64_t kMaxRun = 16384;
 constexpr int64_t kMaxColumns = 16384;
 // The columns transform folds the mean into the shift when |mean| / std <= this for every channel.
 constexpr double kFoldedMeanLimit = 16.0;
@@ -77,12 +91,13 @@ constexpr int64_t kGrain = 32768;
 // `omp simd reduction` lets GCC keep one vector of partial sums per reduction (no -ffast-math
 // needed); measured faster than explicit lane arrays, which GCC vectorised with shuffles.
 
-// sum of x[0, n)
+// sum of x[0, n) - pivot. Block means are pivot + this / n, pivot a value of the block: the float
+// partial sums then stay at the scale of the spread, not of the mean (|mean| >> std loses nothing).
 template <typename scalar_t, typename acc_t>
-inline acc_t span_sum(const scalar_t* x, int64_t n) {
+inline acc_t span_sum(const scalar_t* x, int64_t n, acc_t pivot) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(x[i]);
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(x[i]) - pivot;
   return s;
 }
 
@@ -112,18 +127,173 @@ inline void span_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n, acc
   sdyx += b;
 }
 
+
+// -------------------------------------------------------------------------------- runs sums
+// The runs traversal sums the k runs of S values (S = 16..16384) of one channel in a block of rows into
+// vector accumulators (GCC vector extensions, compiled for this file's ISA) and reduces them once:
+// a horizontal reduction per run, as an `omp simd` loop per run has, costs as much as a short run
+// itself (measured on 64-value bfloat16 runs: statistics 3x slower than ATen's).
+#ifdef SLIMCORE_BN_TARGET  // the AVX2 and AVX-512 copies (ymm: AVX-512's zmm would gain little here)
+#define SLIMCORE_BN_VEC_BYTES 32
+#else
+#define SLIMCORE_BN_VEC_BYTES 16  // baseline x86-64 (SSE2) and other CPUs
+#endif
+template <typename acc_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES)));
+};
+template <typename acc_t>
+using vec_t = typename VecOf<acc_t>::type;
+template <typename acc_t>
+constexpr int64_t kVecWidth = SLIMCORE_BN_VEC_BYTES / sizeof(acc_t);
+
+// kVecWidth values from p, converted to acc_t (GCC turns the loop into one vector load/convert)
+template <typename scalar_t, typename acc_t>
+inline vec_t<acc_t> vec_load(const scalar_t* p) {
+  vec_t<acc_t> v;
+  for (int64_t l = 0; l < kVecWidth<acc_t>; ++l) v[l] = static_cast<acc_t>(p[l]);
+  return v;
+}
+
+template <typename acc_t>
+inline acc_t vec_total(vec_t<acc_t> v) {
+  acc_t s = 0;
+  for (int64_t l = 0; l < kVecWidth<acc_t>; ++l) s += v[l];
+  return s;
+}
+
+// Applies f(vector offset i) over [0, n) in vector steps (two independent chains) and g(i) to the tail.
+template <typename acc_t, typename VecStep, typename TailStep>
+inline void run_steps(int64_t n, VecStep f, TailStep g) {
+  constexpr int64_t L = kVecWidth<acc_t>;
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) f(i, 0), f(i + L, 1);
+  for (; i + L <= n; i += L) f(i, 0);
+  for (; i < n; ++i) g(i);
+}
+
+// sum of (x - pivot) over k runs of n values, run r at x + r * stride (pivot: as span_sum's)
+template <typename scalar_t, typename acc_t>
+inline acc_t runs_sum(const scalar_t* x, int64_t k, int64_t stride, int64_t n, acc_t pivot) {
+  vec_t<acc_t> a[2] = {};
+  acc_t tail = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    const scalar_t* p = x + r * stride;
+    run_steps<acc_t>(n, [&](int64_t i, int j) { a[j] += vec_load<scalar_t, acc_t>(p + i) - pivot; },
+                     [&](int64_t i) { tail += static_cast<acc_t>(p[i]) - pivot; });
+  }
+  return vec_total<acc_t>(a[0] + a[1]) + tail;
+}
+
+// sum of (x - m)^2 over k runs of n values
+template <typename scalar_t, typename acc_t>
+inline acc_t runs_sq_dev(const scalar_t* x, int64_t k, int64_t stride, int64_t n, acc_t m) {
+  vec_t<acc_t> a[2] = {};
+  acc_t tail = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    const scalar_t* p = x + r * stride;
+    run_steps<acc_t>(
+        n,
+        [&](int64_t i, int j) {
+          const vec_t<acc_t> d = vec_load<scalar_t, acc_t>(p + i) - m;
+          a[j] += d * d;
+        },
+        [&](int64_t i) {
+          const acc_t d = static_cast<acc_t>(p[i]) - m;
+          tail += d * d;
+        });
+  }
+  return vec_total<acc_t>(a[0] + a[1]) + tail;
+}
+
+// sdy += sum dy, sdyx += sum dy * (x - m) over k runs of n values
+template <typename scalar_t, typename acc_t>
+inline void runs_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t k, int64_t stride, int64_t n, acc_t m,
+                           double& sdy, double& sdyx) {
+  vec_t<acc_t> a[2] = {}, b[2] = {};
+  acc_t ta = 0, tb = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    const scalar_t* g = dy + r * stride;
+    const scalar_t* p = x + r * stride;
+    run_steps<acc_t>(
+        n,
+        [&](int64_t i, int j) {
+          const vec_t<acc_t> gv = vec_load<scalar_t, acc_t>(g + i);
+          a[j] += gv;
+          b[j] += gv * (vec_load<scalar_t, acc_t>(p + i) - m);
+        },
+        [&](int64_t i) {
+          const acc_t gv = static_cast<acc_t>(g[i]);
+          ta += gv;
+          tb += gv * (static_cast<acc_t>(p[i]) - m);
+        });
+  }
+  sdy += static_cast<double>(vec_total<acc_t>(a[0] + a[1]) + ta);
+  sdyx += static_cast<double>(vec_total<acc_t>(b[0] + b[1]) + tb);
+}
+
+// kVecWidth values to p, converted from acc_t
+template <typename scalar_t, typename acc_t>
+inline void vec_store(scalar_t* p, vec_t<acc_t> v) {
+  for (int64_t l = 0; l < kVecWidth<acc_t>; ++l) p[l] = static_cast<scalar_t>(v[l]);
+}
+
+// bfloat16: c10's round-to-nearest-even (NaN -> 0x7fc0) on whole vectors; GCC scalarises the
+// generic loop above (a NaN test per lane).
+template <>
+inline void vec_store<c10::BFloat16, float>(c10::BFloat16* p, vec_t<float> v) {
+  typedef uint32_t u32v __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES)));
+  typedef uint16_t u16v __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES / 2)));
+  u32v u;
+  std::memcpy(&u, &v, sizeof(u));
+  u32v r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = (v != v) ? u32v{} + 0x7fc0u : r;
+  const u16v h = __builtin_convertvector(r, u16v);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// Types whose vector loads and stores GCC compiles to a few instructions (Half's conversions are
+// bit manipulations: the plain loops vectorise them better).
+template <typename scalar_t>
+constexpr bool kVectorIO = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
+                           std::is_same_v<scalar_t, c10::BFloat16>;
+
 // y = (x - m) * k + c over [0, n)   (forward: k = gamma * invstd, c = beta)
 template <typename scalar_t, typename acc_t>
 inline void span_affine(const scalar_t* x, scalar_t* y, int64_t n, acc_t m, acc_t k, acc_t c) {
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - m) * k + c);
+  if constexpr (kVectorIO<scalar_t>) {
+    run_steps<acc_t>(
+        n, [&](int64_t i, int) { vec_store<scalar_t, acc_t>(y + i, (vec_load<scalar_t, acc_t>(x + i) - m) * k + c); },
+        [&](int64_t i) { y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - m) * k + c); });
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - m) * k + c);
+  }
 }
 
 // dx = (dy - mdy) * k1 + (x - m) * k2 over [0, n)
 template <typename scalar_t, typename acc_t>
 inline void span_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t mdy, acc_t k1,
                             acc_t m, acc_t k2) {
-  for (int64_t i = 0; i < n; ++i) {
-    dx[i] = static_cast<scalar_t>((static_cast<acc_t>(dy[i]) - mdy) * k1 + (static_cast<acc_t>(x[i]) - m) * k2);
+  if constexpr (kVectorIO<scalar_t>) {
+    run_steps<acc_t>(
+        n,
+        [&](int64_t i, int) {
+          vec_store<scalar_t, acc_t>(dx + i, (vec_load<scalar_t, acc_t>(dy + i) - mdy) * k1 +
+                                                 (vec_load<scalar_t, acc_t>(x + i) - m) * k2);
+        },
+        [&](int64_t i) {
+          dx[i] = static_cast<scalar_t>((static_cast<acc_t>(dy[i]) - mdy) * k1 + (static_cast<acc_t>(x[i]) - m) * k2);
+        });
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      dx[i] = static_cast<scalar_t>((static_cast<acc_t>(dy[i]) - mdy) * k1 + (static_cast<acc_t>(x[i]) - m) * k2);
+    }
   }
 }
 
@@ -154,16 +324,23 @@ std::vector<acc_t> read_param(const std::optional<at::Tensor>& t, int64_t C, acc
   return out;
 }
 
-// Where a traversal reads: planes (NCHW, long spans) or columns (R x W, column j in channel j / Sc).
+// Where a traversal reads: runs (NCHW rows of C runs of Sc values), planes (NCHW, channel by
+// channel) or columns (R x W, column j in channel j / Sc).
+enum class Walk { Planes, Runs, Columns };
 struct Traversal {
-  bool planes;
+  Walk walk;
   int64_t R, W, Sc;
 };
 
 Traversal traversal_of(const BNShape& s) {
-  if (s.layout == BNLayout::Rows) return {false, s.N * s.S, s.C, 1};
-  if (s.S >= kMinSpan || s.C * s.S > kMaxColumns) return {true, s.N, s.C * s.S, s.S};
-  return {false, s.N, s.C * s.S, s.S};
+  if (s.layout == BNLayout::Rows) return {Walk::Columns, s.N * s.S, s.C, 1};
+  if (s.S >= kMinRun) {
+    // Runs split the rows among threads: with fewer rows than threads, planes split the channels.
+    const bool runs = s.S <= kMaxRun && s.N >= at::get_num_threads();
+    return {runs ? Walk::Runs : Walk::Planes, s.N, s.C * s.S, s.S};
+  }
+  if (s.C * s.S > kMaxColumns) return {Walk::Planes, s.N, s.C * s.S, s.S};
+  return {Walk::Columns, s.N, s.C * s.S, s.S};
 }
 
 // Row ranges of the columns traversal: one per thread when there is enough work.
@@ -193,12 +370,13 @@ void column_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::ve
         acc_t* bq = bm2.data();
         std::fill(bs, bs + W, acc_t(0));
         std::fill(bq, bq + W, acc_t(0));
-        for (int64_t r = rb; r < re; ++r) {
+        const scalar_t* pivot = x + rb * W;  // the block's first row (see span_sum)
+        for (int64_t r = rb + 1; r < re; ++r) {
           const scalar_t* row = x + r * W;
-          for (int64_t j = 0; j < W; ++j) bs[j] += static_cast<acc_t>(row[j]);
+          for (int64_t j = 0; j < W; ++j) bs[j] += static_cast<acc_t>(row[j]) - static_cast<acc_t>(pivot[j]);
         }
         const acc_t inv_k = acc_t(1) / static_cast<acc_t>(k);
-        for (int64_t j = 0; j < W; ++j) bs[j] *= inv_k;  // block means
+        for (int64_t j = 0; j < W; ++j) bs[j] = static_cast<acc_t>(pivot[j]) + bs[j] * inv_k;  // block means
         for (int64_t r = rb; r < re; ++r) {
           const scalar_t* row = x + r * W;
           for (int64_t j = 0; j < W; ++j) {
@@ -230,6 +408,40 @@ void column_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::ve
   }
 }
 
+// Per-channel (mean, biased variance) of a runs traversal, in float64: blocks of rows as in
+// column_statistics; within a block, channel by channel, its k runs are summed, then their squared
+// deviations from the block mean (the k runs are still in cache).
+template <typename scalar_t, typename acc_t>
+void run_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::vector<double>& mean,
+                    std::vector<double>& var) {
+  const int64_t T = column_tasks(t), W = t.W, S = t.Sc;
+  std::vector<Moments> tmo(T * C);
+  const int64_t block_rows = std::max<int64_t>(1, kColumnBlockBytes / (W * static_cast<int64_t>(sizeof(scalar_t))));
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t r_begin = t.R * task / T, r_end = t.R * (task + 1) / T;
+      Moments* mo = tmo.data() + task * C;
+      for (int64_t rb = r_begin; rb < r_end; rb += block_rows) {
+        const int64_t re = std::min(r_end, rb + block_rows), k = re - rb;
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* run = x + rb * W + c * S;
+          const acc_t pivot = static_cast<acc_t>(run[0]);
+          const acc_t bmean = pivot + runs_sum<scalar_t, acc_t>(run, k, W, S, pivot) / static_cast<acc_t>(k * S);
+          mo[c].add(static_cast<double>(k * S), bmean, runs_sq_dev<scalar_t, acc_t>(run, k, W, S, bmean));
+        }
+      }
+    }
+  });
+  mean.assign(C, 0.0);
+  var.assign(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    Moments mo;
+    for (int64_t task = 0; task < T; ++task) mo.add(tmo[task * C + c].n, tmo[task * C + c].mean, tmo[task * C + c].m2);
+    mean[c] = mo.mean;
+    var[c] = mo.n > 0 ? mo.m2 / mo.n : 0.0;
+  }
+}
+
 // Per-channel mean and biased variance of one NCHW channel (planes traversal).
 template <typename scalar_t, typename acc_t>
 Moments plane_statistics(const scalar_t* x, const BNShape& s, int64_t c) {
@@ -240,7 +452,8 @@ Moments plane_statistics(const scalar_t* x, const BNShape& s, int64_t c) {
       const scalar_t* p = x + (n * s.C + c) * S;
       for (int64_t off = 0; off < S; off += kPlaneBlock) {
         const int64_t len = std::min(kPlaneBlock, S - off);
-        const acc_t mb = span_sum<scalar_t, acc_t>(p + off, len) / static_cast<acc_t>(len);
+        const acc_t pivot = static_cast<acc_t>(p[off]);
+        const acc_t mb = pivot + span_sum<scalar_t, acc_t>(p + off, len, pivot) / static_cast<acc_t>(len);
         mo.add(len, mb, span_sq_dev<scalar_t, acc_t>(p + off, len, mb));
       }
     }
@@ -249,9 +462,10 @@ Moments plane_statistics(const scalar_t* x, const BNShape& s, int64_t c) {
   const int64_t spans = std::max<int64_t>(1, kPlaneBlock / S);  // whole (n, c) runs per block
   for (int64_t n0 = 0; n0 < s.N; n0 += spans) {
     const int64_t n1 = std::min(s.N, n0 + spans);
+    const acc_t pivot = static_cast<acc_t>(x[(n0 * s.C + c) * S]);
     acc_t sum = 0;
-    for (int64_t n = n0; n < n1; ++n) sum += span_sum<scalar_t, acc_t>(x + (n * s.C + c) * S, S);
-    const acc_t mb = sum / static_cast<acc_t>((n1 - n0) * S);
+    for (int64_t n = n0; n < n1; ++n) sum += span_sum<scalar_t, acc_t>(x + (n * s.C + c) * S, S, pivot);
+    const acc_t mb = pivot + sum / static_cast<acc_t>((n1 - n0) * S);
     acc_t q = 0;
     for (int64_t n = n0; n < n1; ++n) q += span_sq_dev<scalar_t, acc_t>(x + (n * s.C + c) * S, S, mb);
     mo.add(static_cast<double>((n1 - n0) * S), mb, q);
@@ -297,7 +511,7 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
     return;
   }
   const Traversal t = traversal_of(s);
-  if (t.planes) {
+  if (t.walk == Walk::Planes) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, count));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -322,7 +536,11 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
   }
   std::vector<double> mean(C), var(C);
   if (training) {
-    column_statistics<scalar_t, acc_t>(x, t, C, mean, var);
+    if (t.walk == Walk::Runs) {
+      run_statistics<scalar_t, acc_t>(x, t, C, mean, var);
+    } else {
+      column_statistics<scalar_t, acc_t>(x, t, C, mean, var);
+    }
   } else {
     for (int64_t c = 0; c < C; ++c) {
       mean[c] = static_cast<double>(rmean[c]);
@@ -330,6 +548,20 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
     }
   }
   for (int64_t c = 0; c < C; ++c) finish_channel(c, mean[c], var[c]);
+  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, t.W));
+  if (t.walk == Walk::Runs) {  // each run with its channel's scalars: y = (x - m) * k + b, exact for any mean
+    std::vector<acc_t> ck(C);
+    for (int64_t c = 0; c < C; ++c) ck[c] = gamma[c] * sinvstd[c];
+    at::parallel_for(0, t.R, row_grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t off = r * t.W + c * t.Sc;
+          span_affine<scalar_t, acc_t>(x + off, y + off, t.Sc, smean[c], ck[c], beta[c]);
+        }
+      }
+    });
+    return;
+  }
   // Per-column coefficients, then the output row by row: y = x * k + (b - m * k), one multiply-add
   // and two coefficient loads per element, when every channel's |mean| <= kFoldedMeanLimit * std
   // (the rounding of m * k then stays within a few ulps of y's scale: ordinary activations), else
@@ -346,7 +578,7 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
     cm[j] = smean[c];
     cb[j] = folded ? static_cast<acc_t>(static_cast<double>(beta[c]) - static_cast<double>(smean[c]) * ck[j]) : beta[c];
   }
-  at::parallel_for(0, t.R, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, W)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, t.R, row_grain, [&](int64_t r0, int64_t r1) {
     const acc_t* m = cm.data();
     const acc_t* k = ck.data();
     const acc_t* b = cb.data();
@@ -406,7 +638,7 @@ void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Ten
   };
 
   const Traversal t = traversal_of(s);
-  if (t.planes) {
+  if (t.walk == Walk::Planes) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.count()));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -426,6 +658,47 @@ void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Ten
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t off = (n * C + c) * S;
           span_grad_input<scalar_t, acc_t>(dy + off, x + off, dx + off, S, g.mdy, g.k1, m, g.k2);
+        }
+      }
+    });
+    return;
+  }
+
+  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, t.W));
+  if (t.walk == Walk::Runs) {
+    // Per-task sums per channel (vector sums over a block of rows, then float64), then grad_input run by
+    // run with the channel's scalar coefficients.
+    const int64_t W = t.W, S = t.Sc, T = column_tasks(t);
+    const int64_t block_rows = std::max<int64_t>(
+        1, kColumnBlockBytes / (2 * W * static_cast<int64_t>(sizeof(scalar_t))));  // dy and x
+    std::vector<double> tsdy(T * C, 0.0), tsdyx(T * C, 0.0);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t r_begin = t.R * task / T, r_end = t.R * (task + 1) / T;
+        for (int64_t rb = r_begin; rb < r_end; rb += block_rows) {
+          const int64_t k = std::min(r_end, rb + block_rows) - rb;
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t off = rb * W + c * S;
+            runs_grad_sums<scalar_t, acc_t>(dy + off, x + off, k, W, S, mean[c], tsdy[task * C + c],
+                                            tsdyx[task * C + c]);
+          }
+        }
+      }
+    });
+    std::vector<ChannelGrad<acc_t>> cg(C);
+    for (int64_t c = 0; c < C; ++c) {
+      double sdy = 0, sdyx = 0;
+      for (int64_t task = 0; task < T; ++task) {
+        sdy += tsdy[task * C + c];
+        sdyx += tsdyx[task * C + c];
+      }
+      cg[c] = finish_channel(c, sdy, sdyx);
+    }
+    at::parallel_for(0, t.R, row_grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t off = r * W + c * S;
+          span_grad_input<scalar_t, acc_t>(dy + off, x + off, dx + off, S, cg[c].mdy, cg[c].k1, mean[c], cg[c].k2);
         }
       }
     });
@@ -482,7 +755,7 @@ void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Ten
       ck2[j] = g.k2;
     }
   }
-  at::parallel_for(0, t.R, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, W)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, t.R, row_grain, [&](int64_t r0, int64_t r1) {
     const acc_t* m = cm.data();
     const acc_t* mdy = cmdy.data();
     const acc_t* k1 = ck1.data();
@@ -531,3 +804,5 @@ void backward(const BNShape& s, const at::Tensor& grad_out, const at::Tensor& in
 
 }  // namespace SLIMCORE_BN_ISA
 }  // namespace slimcore
+
+#undef SLIMCORE_BN_VEC_BYTES
