@@ -277,7 +277,7 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
               "channels": {k: list(v) for k, v in report.channels.items()}, "notes": report.notes,
               "seconds": report.seconds, "compensate": compensate, "compensated_layers": len(report.compensated),
               "compensation_max_error": report.compensation_max_error, "max_layer_ratio": max_layer_ratio,
-              "collapsed": report.collapsed, "widths": report.widths}
+              "collapsed": report.collapsed, "widths": report.widths, "latency_check": report.latency_check}
     _write_json(os.path.join(out_dir, "report.json"), result)
     if world > 1:
         torch.distributed.barrier()

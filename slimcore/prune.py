@@ -60,7 +60,7 @@ class PruneReport:
     compensation_mean_error: float = 0.0  # example inputs (nonzero only at padded conv borders)
     collapsed: list = field(default_factory=list)  # residual blocks replaced by x + constant
     widths: list = field(default_factory=list)  # round_to="auto": per layer asked/chosen width and timings (ms)
-    latency_check: dict = None  # round_to="auto": whole-model ms at the chosen widths vs round_to=1, and which won
+    latency_check: dict = None  # round_to="auto": whole-model ms per candidate ("auto", "1", "8", ...) and the chosen one
 
     @property
     def channels_removed(self):
@@ -88,9 +88,9 @@ class PruneReport:
                 lines.append(f"    {w['layer'][:40]:<40} {w['asked']:>6} -> {w['chosen']}  (ms: {w['ms']})")
         if self.latency_check:
             c = self.latency_check
-            verdict = "kept" if c["kept"] else "rejected: round_to=1's widths used"
-            lines.append(f"  whole model: {c['auto_ms']:.3f} ms at the chosen widths vs {c['round_to_1_ms']:.3f} ms "
-                         f"at round_to=1 ({verdict})")
+            times = ", ".join(f"{k if k == 'auto' else 'round_to=' + k} {v:.3f}" for k, v in c["ms"].items())
+            chosen = "the per-layer widths" if c["chosen"] == "auto" else f"round_to={c['chosen']}'s widths"
+            lines.append(f"  whole model (ms): {times}; using {chosen}")
         lines += [f"  note: {n}" for n in self.notes[:10]]
         return "\n".join(lines)
 
@@ -590,10 +590,10 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             dtype and example_inputs' batch size.
         latency_table: a ``slimcore.widths.LatencyTable`` for round_to="auto" (its own device,
             dtype, batch, memory format and cache); overrides ``device``.
-        check_latency: round_to="auto" only: when some layer was widened, time the whole model
-            pruned at the chosen widths against it pruned at round_to=1 (copies, interleaved) and
-            keep the chosen widths only if they are faster by ``slimcore.widths.MODEL_MARGIN``;
-            ``report.latency_check`` has both times. Never slower than round_to=1, as measured.
+        check_latency: round_to="auto" only: time whole copies of the model pruned at the
+            per-layer widths and at uniform ``round_to`` 1, 8 and 16 (interleaved) and use the
+            fastest; anything but round_to=1 must beat it by ``slimcore.widths.MODEL_MARGIN``.
+            ``report.latency_check`` has the times. Never slower than round_to=1, as measured.
     """
     start = time.perf_counter()
     _check_args(ratio, criterion, scope, round_to, min_channels)
@@ -613,14 +613,15 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     removed, threshold, collapsed = decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio, blocks,
                                            widen)
     latency_check = None
-    if round_to == "auto" and check_latency and not dry_run and any(c.chosen != c.asked for c in width_choices):
+    if round_to == "auto" and check_latency and not dry_run:
         same = dict(ratio=ratio, criterion=criterion, scope=scope, min_channels=min_channels, ignore=ignore,
                     compensate=compensate, max_layer_ratio=max_layer_ratio, collapse_blocks=collapse_blocks,
                     history=history, seed=seed, leaf_modules=leaf_modules)
-        latency_check = _whole_model_check(model, inputs, table, same)
-        if not latency_check["kept"]:
-            removed, threshold, collapsed = decide(classes, ratio, scope, 1, min_channels, max_layer_ratio, blocks,
-                                                   None)
+        widened = any(c.chosen != c.asked for c in width_choices)
+        latency_check = _whole_model_check(model, inputs, table, same, widened)
+        if latency_check["chosen"] != "auto":
+            removed, threshold, collapsed = decide(classes, ratio, scope, int(latency_check["chosen"]), min_channels,
+                                                   max_layer_ratio, blocks, None)
     kept_atom = ~removed[classes.of_atom]
     plans = _plans(graph, kept_atom)
     in_collapsed = {plan.name for plan in plans if any(plan.name.startswith(b + ".") for b in collapsed)}
@@ -703,22 +704,27 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     )
 
 
-def _whole_model_check(model, inputs, table, same):
-    """Times copies of ``model`` pruned at round_to="auto" (the choices ``table`` already holds,
-    so no layer is timed again) and at round_to=1; whether auto is faster by MODEL_MARGIN."""
-    from .widths import MODEL_MARGIN
+def _whole_model_check(model, inputs, table, same, widened):
+    """Times copies of ``model`` pruned at the per-layer widths (the choices ``table`` already
+    holds, so no layer is timed again; only when some layer was widened) and at uniform round_to
+    values (slimcore.widths.MODEL_ROUND_TO); the fastest, where it beats round_to=1 by MODEL_MARGIN."""
+    from .widths import MODEL_MARGIN, MODEL_ROUND_TO
 
+    names = (["auto"] if widened else []) + [str(r) for r in MODEL_ROUND_TO]
     variants = []
-    for round_to in ("auto", 1):
+    for name in names:
         memo = {}
         variant = copy.deepcopy(model, memo)
         # submodules named by object (ignore, leaf_modules) become their copies
         mapped = {k: [memo.get(id(m), m) if isinstance(m, nn.Module) else m for m in same[k]]
                   for k in ("ignore", "leaf_modules")}
+        round_to = name if name == "auto" else int(name)
         prune(variant, inputs, round_to=round_to, latency_table=table, check_latency=False, **(same | mapped))
         variants.append(variant)
-    auto_s, plain_s = table.time_models(variants, inputs)
-    return {"auto_ms": auto_s * 1e3, "round_to_1_ms": plain_s * 1e3, "kept": auto_s < (1 - MODEL_MARGIN) * plain_s}
+    ms = {name: s * 1e3 for name, s in zip(names, table.time_models(variants, inputs))}
+    best = min(ms, key=ms.get)
+    chosen = best if ms[best] < (1 - MODEL_MARGIN) * ms["1"] else "1"
+    return {"ms": ms, "chosen": chosen}
 
 
 def _default_latency_table(model, inputs, device):

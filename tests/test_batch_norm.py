@@ -206,8 +206,10 @@ def test_reference_matches_kernels(case, device):
 def test_statistics_survive_a_large_mean(device):
     """|mean| >> std: the blocked two-pass/Welford statistics keep full precision (no cancellation)."""
     g = torch.Generator().manual_seed(0)
-    x64 = torch.randn(8, 5, 64, 64, generator=g, dtype=torch.float64) * 1e-2 + 1e3
-    for fmt in ("nchw", "cl"):
+    # runs, planes (runs longer than 16384 values) and columns (3x3 maps) traversals; channels_last
+    for shape, fmt in [((8, 5, 64, 64), "nchw"), ((2, 3, 130, 130), "nchw"), ((64, 6, 3, 3), "nchw"),
+                       ((8, 5, 64, 64), "cl")]:
+        x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 1e-2 + 1e3
         x = x64.float().to(device)
         if fmt == "cl":
             x = x.contiguous(memory_format=torch.channels_last)

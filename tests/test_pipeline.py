@@ -57,6 +57,12 @@ def test_prune_options_compensation_auto_widths_and_names(tmp_path, monkeypatch)
     assert plain["compensate"] is False and plain["compensated_layers"] == 0
     assert auto["compensate"] is True and auto["round_to"] == "auto" and auto["widths"]
     assert all(w["chosen"] >= w["asked"] for w in auto["widths"])
+    # the whole-model check's times and choice are recorded ("auto" is timed only if a layer widened)
+    check = auto["latency_check"]
+    widened = any(w["chosen"] != w["asked"] for w in auto["widths"])
+    assert set(check["ms"]) == ({"auto"} if widened else set()) | {"1", "8", "16"}
+    assert check["chosen"] in check["ms"] and all(v > 0 for v in check["ms"].values())
+    assert json.load(open(run / "config.json"))["augment"] == "auto"
     share = lambda rep: min(after / before for before, after in rep["channels"].values())  # noqa: E731
     assert share(plain) < 0.3 <= share(auto), "max_layer_ratio=0.7: every layer keeps >= 30%"
     model, meta = load_model(run / "auto" / "model.pt")

@@ -62,14 +62,15 @@ class BlockCostTable(LatencyTable):
 
 
 class FixedVerdictTable(BlockCostTable):
-    """Layer costs as BlockCostTable; the whole-model check returns given times (auto, round_to=1)."""
+    """Layer costs as BlockCostTable; the whole-model check gets given times for its candidates
+    (per-layer widths "auto", then round_to 1, 8, 16)."""
 
     def __init__(self, verdict, **kwargs):
         super().__init__(**kwargs)
         self.verdict = verdict
 
     def time_models(self, models, example_inputs):
-        assert len(models) == 2
+        assert len(models) == len(self.verdict) == 4
         return list(self.verdict)
 
 
@@ -108,35 +109,40 @@ def test_auto_never_keeps_fewer_channels_and_prunes_exactly():
     assert report.flops_after > ref.flops_after  # the widened layers cost FLOPs, by choice
 
 
-def test_auto_keeps_round_to_1_widths_when_the_whole_model_is_not_faster():
-    """The whole-model check: chosen widths that do not make the model faster (here: the check
-    reports auto slower) give round_to=1's model; faster ones are kept. Both stay exact."""
+def test_auto_uses_the_fastest_whole_model_and_never_one_slower_than_round_to_1():
+    """The whole-model check: the per-layer widths ("auto") or a uniform round_to, whichever whole
+    model is fastest, if it beats round_to=1 by 2%; else round_to=1's model. All stay exact."""
     base = randomize_batchnorms(models.build("vgg11", width=0.5)).eval()
     x = torch.randn(2, 3, 32, 32)
-    plain = copy.deepcopy(base)
-    slimcore.prune(plain, x, ratio=0.5, compensate=False)
-    for verdict, kept in (((2.0, 1.0), False), ((0.99, 1.0), False), ((0.5, 1.0), True)):
+    reference = {}
+    for r in (1, 8):
+        reference[r] = copy.deepcopy(base)
+        slimcore.prune(reference[r], x, ratio=0.5, compensate=False, round_to=r)
+    assert widths(reference[1]) != widths(reference[8])
+    cases = [((0.5, 1.0, 0.9, 0.95), "auto"), ((1.0, 1.0, 0.8, 0.9), "8"), ((2.0, 1.0, 1.5, 1.2), "1"),
+             ((0.99, 1.0, 0.995, 0.99), "1")]  # the last: nothing is 2% faster
+    for verdict, chosen in cases:
         model, dense = copy.deepcopy(base), copy.deepcopy(base)
         report = slimcore.prune(model, x, ratio=0.5, round_to="auto", latency_table=FixedVerdictTable(verdict, batch=2),
                                 compensate=False)
         assert any(c["chosen"] > c["asked"] for c in report.widths)
         check = report.latency_check
-        assert check["kept"] is kept
-        assert (check["auto_ms"], check["round_to_1_ms"]) == pytest.approx((verdict[0] * 1e3, verdict[1] * 1e3))
-        if kept:
-            assert widths(model) != widths(plain)
+        assert check["chosen"] == chosen
+        assert check["ms"] == pytest.approx(dict(zip(("auto", "1", "8", "16"), (v * 1e3 for v in verdict))))
+        if chosen == "auto":
             assert all(widths(model)[c["layer"].split(",")[0]] == c["chosen"] for c in report.widths)
+            assert widths(model) != widths(reference[1])
         else:
-            assert widths(model) == widths(plain)
-            assert "rejected" in str(report)
+            assert widths(model) == widths(reference[int(chosen)])
+        assert f"using {'the per-layer widths' if chosen == 'auto' else 'round_to=' + chosen}" in str(report)
         assert (report.flops_after, report.params_after) == slimcore.profile(model, x)
         zero_removed(dense, report.removed)
         assert_same_function(model, dense, x)
-    # No check asked for: the chosen widths stay whatever the whole model does.
+    # No check asked for: the per-layer widths stay whatever the whole model does.
     model = copy.deepcopy(base)
-    report = slimcore.prune(model, x, ratio=0.5, round_to="auto", latency_table=FixedVerdictTable((2.0, 1.0), batch=2),
+    report = slimcore.prune(model, x, ratio=0.5, round_to="auto", latency_table=FixedVerdictTable((2.0, 1.0, 1.0, 1.0), batch=2),
                             compensate=False, check_latency=False)
-    assert report.latency_check is None and widths(model) != widths(plain)
+    assert report.latency_check is None and widths(model) != widths(reference[1])
 
 
 def test_whole_model_timing_on_copies_of_a_real_model():

@@ -178,38 +178,32 @@ inline void run_steps(int64_t n, VecStep f, TailStep g) {
   for (; i < n; ++i) g(i);
 }
 
-// sum of (x - pivot) over k runs of n values, run r at x + r * stride (pivot: as span_sum's)
-template <typename scalar_t, typename acc_t>
-inline acc_t runs_sum(const scalar_t* x, int64_t k, int64_t stride, int64_t n, acc_t pivot) {
+// sum of f(x) over k runs of n values, run r at x + r * stride; f takes vectors and scalars alike
+template <typename scalar_t, typename acc_t, typename F>
+inline acc_t runs_reduce(const scalar_t* x, int64_t k, int64_t stride, int64_t n, F f) {
   vec_t<acc_t> a[2] = {};
   acc_t tail = 0;
   for (int64_t r = 0; r < k; ++r) {
     const scalar_t* p = x + r * stride;
-    run_steps<acc_t>(n, [&](int64_t i, int j) { a[j] += vec_load<scalar_t, acc_t>(p + i) - pivot; },
-                     [&](int64_t i) { tail += static_cast<acc_t>(p[i]) - pivot; });
+    run_steps<acc_t>(n, [&](int64_t i, int j) { a[j] += f(vec_load<scalar_t, acc_t>(p + i)); },
+                     [&](int64_t i) { tail += f(static_cast<acc_t>(p[i])); });
   }
   return vec_total<acc_t>(a[0] + a[1]) + tail;
 }
 
-// sum of (x - m)^2 over k runs of n values
+// sum of (x - pivot) over k runs (pivot: as span_sum's)
+template <typename scalar_t, typename acc_t>
+inline acc_t runs_sum(const scalar_t* x, int64_t k, int64_t stride, int64_t n, acc_t pivot) {
+  return runs_reduce<scalar_t, acc_t>(x, k, stride, n, [pivot](auto v) { return v - pivot; });
+}
+
+// sum of (x - m)^2 over k runs
 template <typename scalar_t, typename acc_t>
 inline acc_t runs_sq_dev(const scalar_t* x, int64_t k, int64_t stride, int64_t n, acc_t m) {
-  vec_t<acc_t> a[2] = {};
-  acc_t tail = 0;
-  for (int64_t r = 0; r < k; ++r) {
-    const scalar_t* p = x + r * stride;
-    run_steps<acc_t>(
-        n,
-        [&](int64_t i, int j) {
-          const vec_t<acc_t> d = vec_load<scalar_t, acc_t>(p + i) - m;
-          a[j] += d * d;
-        },
-        [&](int64_t i) {
-          const acc_t d = static_cast<acc_t>(p[i]) - m;
-          tail += d * d;
-        });
-  }
-  return vec_total<acc_t>(a[0] + a[1]) + tail;
+  return runs_reduce<scalar_t, acc_t>(x, k, stride, n, [m](auto v) {
+    const auto d = v - m;
+    return d * d;
+  });
 }
 
 // sdy += sum dy, sdyx += sum dy * (x - m) over k runs of n values
