@@ -127,7 +127,6 @@ inline void span_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n, acc
   sdyx += b;
 }
 
-
 // -------------------------------------------------------------------------------- runs sums
 // The runs traversal sums the k runs of S values (S = 16..16384) of one channel in a block of rows into
 // vector accumulators (GCC vector extensions, compiled for this file's ISA) and reduces them once:
@@ -261,12 +260,13 @@ constexpr bool kVectorIO = std::is_same_v<scalar_t, float> || std::is_same_v<sca
 // y = (x - m) * k + c over [0, n)   (forward: k = gamma * invstd, c = beta)
 template <typename scalar_t, typename acc_t>
 inline void span_affine(const scalar_t* x, scalar_t* y, int64_t n, acc_t m, acc_t k, acc_t c) {
+  auto one = [&](int64_t i) { y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - m) * k + c); };
   if constexpr (kVectorIO<scalar_t>) {
     run_steps<acc_t>(
         n, [&](int64_t i, int) { vec_store<scalar_t, acc_t>(y + i, (vec_load<scalar_t, acc_t>(x + i) - m) * k + c); },
-        [&](int64_t i) { y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - m) * k + c); });
+        one);
   } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - m) * k + c);
+    for (int64_t i = 0; i < n; ++i) one(i);
   }
 }
 
@@ -274,6 +274,9 @@ inline void span_affine(const scalar_t* x, scalar_t* y, int64_t n, acc_t m, acc_
 template <typename scalar_t, typename acc_t>
 inline void span_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t mdy, acc_t k1,
                             acc_t m, acc_t k2) {
+  auto one = [&](int64_t i) {
+    dx[i] = static_cast<scalar_t>((static_cast<acc_t>(dy[i]) - mdy) * k1 + (static_cast<acc_t>(x[i]) - m) * k2);
+  };
   if constexpr (kVectorIO<scalar_t>) {
     run_steps<acc_t>(
         n,
@@ -281,13 +284,9 @@ inline void span_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
           vec_store<scalar_t, acc_t>(dx + i, (vec_load<scalar_t, acc_t>(dy + i) - mdy) * k1 +
                                                  (vec_load<scalar_t, acc_t>(x + i) - m) * k2);
         },
-        [&](int64_t i) {
-          dx[i] = static_cast<scalar_t>((static_cast<acc_t>(dy[i]) - mdy) * k1 + (static_cast<acc_t>(x[i]) - m) * k2);
-        });
+        one);
   } else {
-    for (int64_t i = 0; i < n; ++i) {
-      dx[i] = static_cast<scalar_t>((static_cast<acc_t>(dy[i]) - mdy) * k1 + (static_cast<acc_t>(x[i]) - m) * k2);
-    }
+    for (int64_t i = 0; i < n; ++i) one(i);
   }
 }
 
