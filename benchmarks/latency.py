@@ -25,8 +25,8 @@ about two minutes on a 2-core CPU. The project's CPU targets are measured at bat
 value, all timed in the same interleaved rounds against the same dense model. "auto" is
 slimcore.prune(..., round_to="auto"): layer widths snapped up only where a measured width is
 faster (slimcore/widths.py), timed at the benchmark's batch, dtype, memory format and device,
-and kept only if the whole pruned model (before --fold-bn) beat round_to=1's in prune's own check
-(records: auto_latency_check).
+and kept only if the whole pruned model (after --fold-bn, as it is timed here) beat round_to=1's
+in prune's own check (records: auto_latency_check).
 
 Results: a JSON file (benchmarks/results/latency-<device>.json, or --out) whose records carry
 model, ratio, batch_size, device, dtype, threads, params/flops dense and slim, latencies, speed-ups
@@ -113,6 +113,16 @@ def prepare(model, x, args, device, dtype):
     if args.compile:
         model = torch.compile(model)
     return model
+
+
+def folding(example):
+    """prune's deploy hook for --fold-bn: its whole-model check then times the candidates with BN
+    folded, as this benchmark runs them."""
+    def deploy(model):
+        slimcore.fold_bn(model, example)
+        return model
+
+    return deploy
 
 
 def forward_fn(model, x):
@@ -214,7 +224,8 @@ def main(argv=None):
             for ratio in ratios:
                 for round_to in round_tos:
                     slim = copy.deepcopy(dense)
-                    report = slimcore.prune(slim, example, ratio=ratio, round_to=round_to, latency_table=table)
+                    report = slimcore.prune(slim, example, ratio=ratio, round_to=round_to, latency_table=table,
+                                            deploy=folding(example) if args.fold_bn else None)
                     widened = sum(w["chosen"] != w["asked"] for w in report.widths)
                     checks[ratio, round_to] = report.latency_check
                     slims[ratio, round_to] = (slim, *slimcore.profile(slim, example), widened)

@@ -33,8 +33,8 @@ from . import models
 from .criteria import CRITERIA
 from .penalties import NAMES as PENALTY_NAMES
 from .profile import profile
-from .prune import SCOPES, prune, save_pruned
-from .train import Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
+from .prune import SCOPES, prune, ratio_for_flops, save_pruned
+from .train import FILTER_HISTORY, Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
 from .widths import LatencyTable
 
 
@@ -72,13 +72,16 @@ def _add_model_args(p):
     p.add_argument("--lam", type=float, default=1e-4, help="sparsity strength (0: plain training)")
     p.add_argument("--p", type=float, default=0.5, help="exponent of lp / lpnorm")
     p.add_argument("--a", type=float, default=1.0, help="tl1 a; scad a (default 3.7); mcp gamma (default 3)")
+    p.add_argument("--theta", type=float, default=None,
+                   help="scad / mcp: strength/shape form, slope --lam at 0 and flat beyond a*theta "
+                        "(default: native form, --lam is their lambda and knee)")
     p.add_argument("--mode", default="subgradient", choices=("subgradient", "proximal"))
     p.add_argument("--bn", default="stock", choices=("stock", "fused"),
                    help="stock: nn.BatchNorm + sparse_bn_step; fused: slimcore.convert_bn kernels")
 
 
 def _add_prune_args(p):
-    p.add_argument("--ratio", default="0.5", help="one or more comma-separated prune ratios")
+    p.add_argument("--ratio", default=None, help="one or more comma-separated prune ratios (default 0.5)")
     p.add_argument("--criterion", default="bn_scale", choices=CRITERIA)
     p.add_argument("--scope", default="global", choices=SCOPES)
     p.add_argument("--round-to", type=_round_to, default=1,
@@ -116,11 +119,19 @@ def parser():
     p.add_argument("--run", required=True)
     p.add_argument("--source", default="train", help="stage to prune, relative to the run (default: train)")
     _add_prune_args(p)
-    p.add_argument("--name", default=None, help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads; one ratio only)")
+    p.add_argument("--flops", default=None,
+                   help="instead of --ratio: keep at most this fraction of the FLOPs (comma-separated: several); "
+                        "the ratio is found per criterion by dry runs. Stages: prune-<criterion>-flops<f>")
+    p.add_argument("--name", default=None,
+                   help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
+                        "prune-<criterion>-flops<f>; one ratio only). `finetune --stage NAME` fine-tunes it")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("finetune", help="fine-tune a pruned model (no penalty)")
     p.add_argument("--run", required=True)
-    p.add_argument("--ratio", required=True, help="which prune-<ratio> to fine-tune (comma-separated: several)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--ratio", help="which prune-<ratio> to fine-tune (comma-separated: several)")
+    group.add_argument("--stage", help="which prune stage(s) to fine-tune by directory name, e.g. prune-l1_filter-flops0.5 "
+                                       "(comma-separated); writes finetune-<name without 'prune-'>")
     _add_training_args(p, finetune=True)
     p = sub.add_parser("run", help="train -> prune -> fine-tune, optionally repeated (--passes)")
     _add_model_args(p)
@@ -146,6 +157,17 @@ def _ratios(text):
         if not 0.0 <= r < 1.0:
             raise CLIError(f"prune ratio {r} is out of range: it must be in [0, 1)")
     return ratios
+
+
+def _fractions(text, flag):
+    try:
+        values = [float(r) for r in str(text).split(",")]
+    except ValueError:
+        raise CLIError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    for v in values:
+        if not 0.0 < v <= 1.0:
+            raise CLIError(f"{flag} {v} is out of range: it must be in (0, 1]")
+    return values
 
 
 def _ratio_name(r):
@@ -192,7 +214,9 @@ def _settings(args, lam=None, **overrides):
                  weight_decay=args.weight_decay, accumulate=args.accumulate, amp=args.amp, seed=args.seed,
                  quiet=args.quiet)
     if hasattr(args, "penalty"):
-        s.penalty, s.p, s.a, s.mode, s.bn = args.penalty, args.p, args.a, args.mode, args.bn
+        s.penalty, s.p, s.a, s.theta, s.mode, s.bn = args.penalty, args.p, args.a, args.theta, args.mode, args.bn
+        if s.theta is not None and s.penalty not in ("scad", "mcp"):
+            raise CLIError(f"--theta is a scad / mcp parameter, not one of {s.penalty}")
         s.lam = args.lam if lam is None else lam
         if s.bn == "fused" and s.mode != "subgradient":
             raise CLIError("--bn fused adds the penalty's subgradient inside the BatchNorm backward; "
@@ -240,12 +264,28 @@ def cmd_train(args, crash_after_epoch=None):
                        crash_after_epoch=crash_after_epoch)
 
 
+def _filter_history(model, source_dir):
+    from .criteria import FilterHistory
+    from ._io import safe_load
+
+    path = os.path.join(source_dir, FILTER_HISTORY)
+    if not os.path.exists(path):
+        raise CLIError(f"criterion hbfp needs the filter history of the stage's training ({path}), which "
+                       "`slimcore train` and `finetune` write; this stage has none (trained by an older slimcore?)")
+    history = FilterHistory(model)
+    history.load_state_dict(safe_load(path))
+    return history
+
+
 def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
-                device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64):
-    """Prunes source_dir/model.pt at one ratio into out_dir (default run/prune-<ratio>); returns its
-    report. Under torchrun, rank 0 prunes and the others read its report."""
+                device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64,
+                flops=None):
+    """Prunes source_dir/model.pt at one ratio (or, with ``flops``, at the ratio that keeps that
+    fraction of the FLOPs) into out_dir (default run/prune-<ratio> or run/prune-<criterion>-flops<f>); returns
+    its report. Under torchrun, rank 0 prunes and the others read its report."""
     rank, world = distributed()
-    out_dir = out_dir or os.path.join(run, f"prune-{_ratio_name(ratio)}")
+    default_name = f"prune-{criterion}-flops{flops:g}" if flops is not None else f"prune-{_ratio_name(ratio)}"
+    out_dir = out_dir or os.path.join(run, default_name)
     if rank != 0:
         torch.distributed.barrier()
         with open(os.path.join(out_dir, "report.json")) as f:
@@ -263,13 +303,21 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
     x = example_input(meta, dev)
     flops_before, params_before = profile(model, x)
     table = LatencyTable(dev, batch=latency_batch) if round_to == "auto" else None
-    report = prune(model.eval(), x, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
-                   min_channels=min_channels, compensate=compensate, max_layer_ratio=max_layer_ratio,
-                   latency_table=table)
+    options = dict(criterion=criterion, scope=scope, round_to=round_to, min_channels=min_channels,
+                   compensate=compensate, max_layer_ratio=max_layer_ratio, latency_table=table,
+                   history=_filter_history(model, source_dir) if criterion == "hbfp" else None)
+    model.eval()
+    if flops is not None:
+        try:
+            ratio = ratio_for_flops(model, x, flops, **options)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    report = prune(model, x, ratio=ratio, **options)
     acc_after, _ = evaluate(model, test_loader, dev)
     os.makedirs(out_dir, exist_ok=True)
     save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})
-    result = {"ratio": ratio, "criterion": criterion, "scope": scope, "round_to": round_to, "source": source,
+    result = {"ratio": ratio, "flops_target": flops, "criterion": criterion, "scope": scope, "round_to": round_to,
+              "source": source,
               "acc_before": acc_before, "acc_after": acc_after, "params_before": params_before,
               "params_after": report.params_after, "flops_before": flops_before, "flops_after": report.flops_after,
               "size_before": file_size(source), "size_after": file_size(os.path.join(out_dir, "model.pt")),
@@ -296,15 +344,23 @@ def _print_prune_table(results):
 def cmd_prune(args):
     run = args.run
     _read_config(run)
-    ratios = _ratios(args.ratio)
+    if args.flops is not None and args.ratio is not None:
+        raise CLIError("give --ratio or --flops, not both")
+    if args.flops is not None:
+        targets = _fractions(args.flops, "--flops")
+        ratios = [None] * len(targets)
+    else:
+        ratios = _ratios(args.ratio if args.ratio is not None else "0.5")
+        targets = [None] * len(ratios)
     if args.name and len(ratios) > 1:
-        raise CLIError("--name names one stage: give one --ratio with it")
+        raise CLIError("--name names one stage: give one --ratio (or --flops) with it")
     if args.name and (os.path.normpath(args.name) == os.path.normpath(args.source) or args.name == "train"
                       or args.name.startswith("finetune-") or os.sep in args.name or args.name.startswith(".")):
         raise CLIError(f"--name {args.name!r} would overwrite another stage: choose a new directory name")
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
                            args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
-                           args.compensate, args.max_layer_ratio, args.latency_batch) for r in ratios]
+                           args.compensate, args.max_layer_ratio, args.latency_batch, flops=f)
+               for r, f in zip(ratios, targets)]
     _print_prune_table(results)
     return results
 
@@ -333,14 +389,25 @@ def _finetune_settings(args, config):
 def cmd_finetune(args):
     config = _read_config(args.run)
     s = _finetune_settings(args, config)
-    return [finetune_stage(args.run, os.path.join(args.run, f"prune-{_ratio_name(r)}"),
-                           os.path.join(args.run, f"finetune-{_ratio_name(r)}"), s, resume=args.resume)
-            for r in _ratios(args.ratio)]
+    if args.stage is not None:
+        names = [n.strip() for n in args.stage.split(",") if n.strip()]
+        for n in names:
+            if os.sep in n or n.startswith(".") or n == "train" or n.startswith("finetune-"):
+                raise CLIError(f"--stage {n!r} is not a prune stage of the run")
+    else:
+        names = [f"prune-{_ratio_name(r)}" for r in _ratios(args.ratio)]
+    return [finetune_stage(args.run, os.path.join(args.run, n), os.path.join(args.run, _finetune_name(n)), s,
+                           resume=args.resume) for n in names]
+
+
+def _finetune_name(prune_name):
+    """finetune-<x> for prune-<x> (what slimcore report pairs), finetune-<name> otherwise."""
+    return "finetune-" + (prune_name[len("prune-"):] if prune_name.startswith("prune-") else prune_name)
 
 
 def cmd_run(args):
     rank, _ = distributed()
-    ratios = _ratios(args.ratio)
+    ratios = _ratios(args.ratio if args.ratio is not None else "0.5")
     if args.passes < 1:
         raise CLIError("--passes must be >= 1")
     if args.passes > 1 and len(ratios) > 1:

@@ -69,6 +69,7 @@ def _ratio_rows(base):
         ratio_name = os.path.basename(os.path.dirname(path))[len("prune-"):]
         tuned = _metrics(os.path.join(base, f"finetune-{ratio_name}"))
         rep["finetuned_acc"] = tuned[-1]["test_acc"] if tuned else None
+        rep["stage"] = f"prune-{ratio_name}"
         rows.append(rep)
     return sorted(rows, key=lambda r: r["ratio"])
 
@@ -141,11 +142,11 @@ def report_run(run, out_dir):
             ax2.grid(alpha=0.3)
             figures.append(_save(plt, fig, out_dir, f"{tag}_ratios.png"))
             lines += [f"## Pruning{title}", "",
-                      "| ratio | acc unpruned | acc pruned | acc fine-tuned | params | FLOPs | size MB |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| stage | criterion | ratio | acc unpruned | acc pruned | acc fine-tuned | params | FLOPs | size MB |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 tuned = f"{r['finetuned_acc']:.4f}" if r["finetuned_acc"] is not None else "-"
-                lines.append(f"| {r['ratio']:g} | {r['acc_before']:.4f} | {r['acc_after']:.4f} | {tuned} | "
+                lines.append(f"| {r['stage']} | {r['criterion']} | {r['ratio']:.4g} | {r['acc_before']:.4f} | {r['acc_after']:.4f} | {tuned} | "
                              f"{r['params_before']:,} → {r['params_after']:,} | "
                              f"{r['flops_before'] / 1e6:.1f}M → {r['flops_after'] / 1e6:.1f}M | "
                              f"{r['size_before'] / 1e6:.2f} → {r['size_after'] / 1e6:.2f} |")
@@ -157,29 +158,146 @@ def report_run(run, out_dir):
     return path
 
 
+def penalty_label(train):
+    """'lp p=0.5', 'tl1 a=1', 'scad theta=0.5', ... from a run config's train settings."""
+    name, lam = train.get("penalty", "l1"), train.get("lam", 0.0)
+    if not lam:
+        return "none"
+    if name in ("lp", "lpnorm"):
+        return f"{name} p={train.get('p'):g}"
+    if name == "tl1":
+        return f"tl1 a={train.get('a'):g}"
+    if name in ("scad", "mcp"):
+        theta = train.get("theta")
+        return name + (f" theta={theta:g}" if theta is not None else "")
+    return name
+
+
+_NOT_SETTINGS = ("seed", "out", "quiet", "resume", "device", "command")
+
+
+def _seed_group(config):
+    """What a run is apart from its seed: runs that differ only in --seed share it."""
+    train = {k: v for k, v in config["train"].items() if k not in _NOT_SETTINGS}
+    return json.dumps({k: config.get(k) for k in ("model", "model_kwargs", "dataset", "augment")} | {"train": train},
+                      sort_keys=True)
+
+
+def _mean_std(values, scale=1.0, digits=2):
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5  # sample std
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _seed_table(summaries):
+    """Mean ± sample std over runs that differ only by seed, per prune stage all of them have."""
+    groups = {}
+    for item in summaries:
+        groups.setdefault(item["group"], []).append(item)
+    if all(len(g) == 1 for g in groups.values()):
+        return []
+    # a stage column where every run of some group has that stage ("-" for the other groups)
+    stages = set().union(*(set.intersection(*(set(i["stages"]) for i in g)) for g in groups.values()))
+    stages = sorted(stages, key=lambda n: (len(n), n))
+    head = "| runs | penalty | mode | lambda | seeds | test acc % | exact zeros % |"
+    rule = "|---|---|---|---|---|---|---|"
+    for n in stages:
+        head += f" {n}: pruned % | fine-tuned % | params removed % |"
+        rule += "---|---|---|"
+    lines = ["## Mean ± std over seeds", "", head, rule]
+    for g in groups.values():
+        first = g[0]
+        row = (f"| {', '.join(i['name'] for i in g)} | {first['label']} | {first['mode']} | {first['lam']:g} | "
+               f"{len(g)} | {_mean_std([i['acc'] for i in g], 100)} | {_mean_std([i['zeros'] for i in g], 100, 1)} |")
+        for n in stages:
+            if not all(n in i["stages"] for i in g):
+                row += " - | - | - |"
+                continue
+            rs = [i["stages"][n] for i in g]
+            row += (f" {_mean_std([r['acc_after'] for r in rs], 100)} | {_mean_std([r['finetuned_acc'] for r in rs], 100)}"
+                    f" | {_mean_std([1 - r['params_after'] / r['params_before'] for r in rs], 100, 1)} |")
+        lines.append(row)
+    return lines + [""]
+
+
 def report_sweep(runs, out_dir):
+    """Compares runs: a table of their sparsity training (penalty, mode, lambda, accuracy, gamma
+    sparsity), a table of every prune stage of each run (criterion, ratio, FLOPs, params, accuracy
+    pruned and fine-tuned), mean ± std over runs that differ only by seed, their gamma
+    distributions, and accuracy against FLOPs kept per (run, criterion): the Pareto plot of seeds
+    002/003."""
     plt = _plt()
     os.makedirs(out_dir, exist_ok=True)
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.8), squeeze=False)
-    lines = ["# slimcore sweep", "", "| run | penalty | lambda | test acc | \\|gamma\\| < 1e-2 | exact zeros |",
-             "|---|---|---|---|---|---|"]
-    for ax, run in zip(axes[0], runs):
+    cols = min(4, len(runs))
+    nrows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    lines = ["# slimcore sweep", "",
+             "| run | penalty | mode | lambda | test acc | \\|gamma\\| < 1e-2 | exact zeros |",
+             "|---|---|---|---|---|---|---|"]
+    prune_lines = ["| run | stage | criterion | scope | ratio | FLOPs kept | params | params removed | "
+                   "acc pruned | acc fine-tuned |", "|---|---|---|---|---|---|---|---|---|---|"]
+    series, summaries = {}, []
+    for i, run in enumerate(runs):
+        ax = axes[i // cols][i % cols]
         config = _json(os.path.join(run, "config.json"))
+        name = os.path.basename(os.path.normpath(run))
+        train = config["train"]
         base = _stages(run)[0][1]
         g = _gammas(os.path.join(base, "train", "model.pt")).numpy()
         ax.hist(g, bins=50, color="C0")
-        lam = config["train"].get("lam")
-        ax.set_title(f"{config['train'].get('penalty')} lambda={lam:g}")
+        lam = train.get("lam")
+        label = penalty_label(train)
+        ax.set_title(f"{name}: {label} lambda={lam:g}", fontsize=9)
         ax.set_xlabel("|gamma|")
         ax.set_yscale("log")
         m = _metrics(os.path.join(base, "train"))
         acc = m[-1]["test_acc"] if m else float("nan")
-        lines.append(f"| {os.path.basename(os.path.normpath(run))} | {config['train'].get('penalty')} | {lam:g} | "
-                     f"{acc:.4f} | {(g < 1e-2).mean():.3f} | {(g == 0).mean():.3f} |")
-    axes[0][0].set_ylabel("channels")
+        lines.append(f"| {name} | {label} | {train.get('mode', 'subgradient')} | {lam:g} | {acc:.4f} | "
+                     f"{(g < 1e-2).mean():.3f} | {(g == 0).mean():.3f} |")
+        rows = _ratio_rows(base)
+        summaries.append({"name": name, "group": _seed_group(config), "label": label, "lam": lam,
+                          "mode": train.get("mode", "subgradient"), "acc": acc, "zeros": float((g == 0).mean()),
+                          "stages": {r["stage"]: r for r in rows}})
+        for r in sorted(rows, key=lambda r: (r["criterion"], r["flops_after"])):
+            stage = os.path.basename(os.path.dirname(r["source"])) if "source" in r else ""
+            kept = r["flops_after"] / max(r["flops_before"], 1)
+            tuned = f"{r['finetuned_acc']:.4f}" if r["finetuned_acc"] is not None else "-"
+            prune_lines.append(
+                f"| {name} | {r['stage']} | {r['criterion']} | {r.get('scope', 'global')} | {r['ratio']:.4g} | "
+                f"{kept:.3f} | {r['params_after']:,} | {100 * (1 - r['params_after'] / r['params_before']):.1f}% | "
+                f"{r['acc_after']:.4f} | {tuned} |")
+            if r["finetuned_acc"] is not None and stage == "train":
+                series.setdefault((name, r["criterion"]), []).append((kept, r["finetuned_acc"]))
+    for j in range(len(runs), nrows * cols):
+        axes[j // cols][j % cols].axis("off")
+    for row in axes:
+        row[0].set_ylabel("channels")
     fig.suptitle("gamma distribution after sparsity training")
     _save(plt, fig, out_dir, "sweep_gamma.png")
     lines += ["", "![gamma distributions](sweep_gamma.png)"]
+    if len(prune_lines) > 2:
+        lines += ["", "## Prune stages", ""] + prune_lines
+    seeds = _seed_table(summaries)
+    if seeds:
+        lines += [""] + seeds
+    if series:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for k, ((name, criterion), points) in enumerate(sorted(series.items())):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{k % 10}",
+                    label=f"{name}: {criterion}")
+        ax.set_xlabel("FLOPs kept (fraction of the unpruned model)")
+        ax.set_ylabel("test accuracy after fine-tuning")
+        ax.set_title("accuracy vs FLOPs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _save(plt, fig, out_dir, "sweep_pareto.png")
+        lines += ["", "![accuracy vs FLOPs](sweep_pareto.png)"]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

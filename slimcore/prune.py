@@ -545,7 +545,8 @@ def _module_names(model, items):
 
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
-          history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True):
+          history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True,
+          deploy=None):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -594,6 +595,10 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             per-layer widths and at uniform ``round_to`` 1, 8 and 16 (interleaved) and use the
             fastest; anything but round_to=1 must beat it by ``slimcore.widths.MODEL_MARGIN``.
             ``report.latency_check`` has the times. Never slower than round_to=1, as measured.
+        deploy: with the whole-model check, a function taking each pruned copy (in eval mode)
+            and returning the model as it will run, e.g. one that calls ``slimcore.fold_bn(m, x)``
+            and returns ``m``; the check then times deployed models (widths that win as pruned
+            can lose once BN is folded). Default: timed as pruned.
     """
     start = time.perf_counter()
     _check_args(ratio, criterion, scope, round_to, min_channels)
@@ -618,7 +623,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                     compensate=compensate, max_layer_ratio=max_layer_ratio, collapse_blocks=collapse_blocks,
                     history=history, seed=seed, leaf_modules=leaf_modules)
         widened = any(c.chosen != c.asked for c in width_choices)
-        latency_check = _whole_model_check(model, inputs, table, same, widened)
+        latency_check = _whole_model_check(model, inputs, table, same, widened, deploy)
         if latency_check["chosen"] != "auto":
             removed, threshold, collapsed = decide(classes, ratio, scope, int(latency_check["chosen"]), min_channels,
                                                    max_layer_ratio, blocks, None)
@@ -704,7 +709,50 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     )
 
 
-def _whole_model_check(model, inputs, table, same, widened):
+def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **prune_kwargs):
+    """The smallest prune ratio at which ``prune(model, example_inputs, ratio, **prune_kwargs)``
+    leaves at most ``flops_fraction`` of the model's FLOPs (multiply-accumulates, as in
+    ``PruneReport``), found by bisection over dry runs; the model is not changed. For comparing
+    criteria at one FLOPs budget (seeds 002/003): each criterion removes different channels, so
+    equal ratios give unequal FLOPs.
+
+        r = slimcore.ratio_for_flops(model, x, 0.5, criterion="l1_filter")
+        slimcore.prune(model, x, ratio=r, criterion="l1_filter")
+
+    Raises ValueError when even the largest ratio (every layer at ``min_channels``, or whatever
+    ``max_layer_ratio`` and ``ignore`` allow) keeps more than ``flops_fraction``.
+    """
+    if not (isinstance(flops_fraction, (int, float)) and not isinstance(flops_fraction, bool)
+            and 0.0 < flops_fraction <= 1.0):
+        raise ValueError(f"slimcore.ratio_for_flops: flops_fraction must be in (0, 1], got {flops_fraction!r}")
+    if not (isinstance(resolution, float) and 0.0 < resolution < 0.1):
+        raise ValueError(f"slimcore.ratio_for_flops: resolution must be a float in (0, 0.1), got {resolution!r}")
+    for key in ("ratio", "dry_run", "optimizer"):
+        if key in prune_kwargs:
+            raise ValueError(f"slimcore.ratio_for_flops: {key!r} is not a prune option here (it finds the ratio)")
+    prune_kwargs["check_latency"] = False  # dry runs: the whole-model check would only time copies
+
+    def kept(ratio):
+        rep = prune(model, example_inputs, ratio=ratio, dry_run=True, **prune_kwargs)
+        return rep.flops_after / max(rep.flops_before, 1)
+
+    if kept(0.0) <= flops_fraction:
+        return 0.0
+    lo, hi = 0.0, 1.0 - resolution
+    floor = kept(hi)
+    if floor > flops_fraction:
+        raise ValueError(f"slimcore.ratio_for_flops: no ratio keeps {flops_fraction:g} of the FLOPs; at ratio {hi:g} "
+                         f"{floor:.4f} remain (min_channels, max_layer_ratio, ignored and output layers set a floor)")
+    while hi - lo > resolution:  # invariant: kept(lo) > flops_fraction >= kept(hi)
+        mid = 0.5 * (lo + hi)
+        if kept(mid) <= flops_fraction:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _whole_model_check(model, inputs, table, same, widened, deploy=None):
     """Times copies of ``model`` pruned at the per-layer widths (the choices ``table`` already
     holds, so no layer is timed again; only when some layer was widened) and at uniform round_to
     values (slimcore.widths.MODEL_ROUND_TO); the fastest, where it beats round_to=1 by MODEL_MARGIN."""
@@ -720,6 +768,11 @@ def _whole_model_check(model, inputs, table, same, widened):
                   for k in ("ignore", "leaf_modules")}
         round_to = name if name == "auto" else int(name)
         prune(variant, inputs, round_to=round_to, latency_table=table, check_latency=False, **(same | mapped))
+        if deploy is not None:
+            with torch.no_grad():
+                variant = deploy(variant.eval())
+            if not isinstance(variant, nn.Module):
+                raise TypeError(f"slimcore.prune: deploy must return the model to time, got {type(variant).__name__}")
         variants.append(variant)
     ms = {name: s * 1e3 for name, s in zip(names, table.time_models(variants, inputs))}
     best = min(ms, key=ms.get)

@@ -3,9 +3,10 @@ accumulation, DDP, per-epoch metrics and atomic, resumable checkpoints.
 
 One stage (sparsity training, or fine-tuning after a prune) writes into its own directory:
 
-    checkpoint.pt   after every epoch (atomic): model, optimizer, scheduler, scaler, RNG, epoch
-    metrics.jsonl   one line per finished epoch
-    model.pt        the final model (slimcore.save_pruned format, rebuildable from its metadata)
+    checkpoint.pt       after every epoch (atomic): model, optimizer, scheduler, scaler, RNG, epoch
+    metrics.jsonl       one line per finished epoch
+    filter_history.pt   every conv/linear filter's L1 norm per epoch (criterion "hbfp" reads it)
+    model.pt            the final model (slimcore.save_pruned format, rebuildable from its metadata)
 
 ``fit(..., resume=True)`` continues from checkpoint.pt exactly: the data order and augmentation
 are functions of (seed, epoch), the RNG state is restored, and metrics.jsonl is cut back to the
@@ -29,6 +30,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,10 +39,12 @@ from torch import nn
 
 from . import penalties
 from ._io import atomic_save, safe_load
+from .criteria import FilterHistory
 from .prune import channel_config, load_pruned, save_pruned
 from .step import SparseBNStep, bn_weights
 
 CHECKPOINT_FORMAT = "slimcore.checkpoint/1"
+FILTER_HISTORY = "filter_history.pt"  # a stage's per-epoch filter L1 norms (slimcore.FilterHistory state)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Settings:
     lam: float = 0.0  # 0: no sparsity penalty (fine-tuning)
     p: float = 0.5  # Lp / LpNorm exponent
     a: float = 1.0  # TL1 a, SCAD a (3.7 if left at 1.0), MCP gamma (3.0 if left at 1.0)
+    theta: Optional[float] = None  # SCAD/MCP: None = native form (lam is their lambda), else strength/shape form
     mode: str = "subgradient"
     bn: str = "stock"
     accumulate: int = 1
@@ -74,9 +79,9 @@ def make_penalty(s: Settings):
     if name == "tl1":
         return penalties.TL1(a=s.a)
     if name == "scad":
-        return penalties.SCAD(a=s.a if s.a > 2 else 3.7)
+        return penalties.SCAD(a=s.a if s.a > 2 else 3.7, theta=s.theta)
     if name == "mcp":
-        return penalties.MCP(gamma=s.a if s.a > 1 else 3.0)
+        return penalties.MCP(gamma=s.a if s.a > 1 else 3.0, theta=s.theta)
     return penalties.get(name)
 
 
@@ -148,7 +153,7 @@ def _autocast(device, enabled):
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path, model, optimizer, scheduler, scaler, epoch, meta, settings):
+def save_checkpoint(path, model, optimizer, scheduler, scaler, epoch, meta, settings, filter_history=None):
     state = {
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "meta": meta, "settings": asdict(settings),
         "model": {"config": channel_config(model), "state_dict": model.state_dict()},
@@ -156,6 +161,7 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, epoch, meta, sett
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "filter_history": filter_history.state_dict() if filter_history is not None else None,
     }
     atomic_save(state, path)
 
@@ -253,6 +259,10 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start_epoch = ckpt["epoch"] + 1
+    # L1 norm of every filter per epoch, for the hbfp criterion (written as filter_history.pt)
+    filter_history = FilterHistory(model)
+    if resume and start_epoch > 0 and ckpt.get("filter_history"):
+        filter_history.load_state_dict(ckpt["filter_history"])
     history = _read_metrics(metrics_path, start_epoch) if main else []
     if main:
         _write_metrics(metrics_path, history)
@@ -319,7 +329,8 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
                   "seconds": time.perf_counter() - t0}
         history.append(record)
         _write_metrics(metrics_path, history)
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch, meta, s)
+        filter_history.record()
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch, meta, s, filter_history)
         if not s.quiet:
             val = f" val {val_acc:.4f}" if val_acc is not None else ""
             print(f"{stage} epoch {epoch + 1}/{s.epochs}: loss {record['train_loss']:.4f} train {record['train_acc']:.4f}"
@@ -332,6 +343,7 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         revert_bn(model)
     if main:
         save_pruned(model, os.path.join(stage_dir, "model.pt"), meta=meta)
+        atomic_save(filter_history.state_dict(), os.path.join(stage_dir, FILTER_HISTORY))
     if world > 1:
         dist.barrier()
     return record

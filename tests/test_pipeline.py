@@ -119,6 +119,12 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
         assert torch.equal(full[k], resumed[k]), k
     lines = open(tmp_path / "crash" / "train" / "metrics.jsonl").read().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    # the filter history (criterion hbfp) survives the crash: one record per epoch, as without it
+    full_h = torch.load(tmp_path / "full" / "train" / "filter_history.pt", weights_only=True)
+    resumed_h = torch.load(tmp_path / "crash" / "train" / "filter_history.pt", weights_only=True)
+    assert full_h.keys() == resumed_h.keys() and all(full_h[k].shape[0] == 3 for k in full_h)
+    for k in full_h:
+        assert torch.equal(full_h[k], resumed_h[k]), k
 
 
 def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
@@ -236,3 +242,81 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, mode):
     assert torch.equal(rank0, rank1), "gamma must be identical on every rank"
     # One process, same global batch, the batch split as the ranks split it: the same trajectory.
     torch.testing.assert_close(rank0, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_filter_history_is_the_l1_norm_of_each_filter_per_epoch(tmp_path):
+    run_cli("train", *TINY, "--out", tmp_path)
+    history = torch.load(tmp_path / "train" / "filter_history.pt", weights_only=True)
+    model, _ = load_model(tmp_path / "train" / "model.pt")
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert history.keys() == convs.keys()
+    for name, m in convs.items():
+        last = m.weight.detach().double().abs().flatten(1).sum(1)  # after the last epoch
+        assert history[name].shape == (2, m.weight.shape[0])
+        torch.testing.assert_close(history[name][-1], last, rtol=1e-6, atol=0)  # recorded from fp32 sums
+        assert not torch.equal(history[name][0], history[name][1]), "one record per epoch, not one copy"
+
+
+def test_prune_to_a_flops_budget_per_criterion_and_finetune_by_stage(tmp_path, capsys):
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "--out", run)
+    for criterion in ("bn_scale", "l1_filter", "hbfp", "random"):
+        run_cli("prune", "--run", run, "--criterion", criterion, "--scope", "layer", "--flops", "0.6,0.3")
+        for f in (0.6, 0.3):
+            rep = json.load(open(run / f"prune-{criterion}-flops{f:g}" / "report.json"))
+            assert rep["flops_target"] == f and rep["criterion"] == criterion
+            assert rep["flops_after"] <= f * rep["flops_before"]
+            model, meta = load_model(run / f"prune-{criterion}-flops{f:g}" / "model.pt")
+            assert slimcore.profile(model, torch.zeros(1, *meta["input_shape"]))[0] == rep["flops_after"]
+    run_cli("finetune", "--run", run, "--stage", "prune-hbfp-flops0.3,prune-random-flops0.6", "--epochs", "1", "--quiet")
+    for name in ("finetune-hbfp-flops0.3", "finetune-random-flops0.6"):
+        assert len(open(run / name / "metrics.jsonl").read().splitlines()) == 1
+    run_cli("report", "--sweep", run, "--out", tmp_path / "sweep")
+    text = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| run | prune-hbfp-flops0.3 | hbfp | layer |" in text and "sweep_pareto.png" in text
+    assert (tmp_path / "sweep" / "sweep_pareto.png").stat().st_size > 1000
+    # errors name the problem
+    assert cli.main(["prune", "--run", str(run), "--ratio", "0.5", "--flops", "0.5"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli.main(["prune", "--run", str(run), "--flops", "0"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert cli.main(["prune", "--run", str(run), "--flops", "0.0001"]) == 2
+    assert "no ratio keeps" in capsys.readouterr().err
+    assert cli.main(["prune", "--run", str(run), "--source", "prune-random-flops0.6", "--criterion", "hbfp"]) == 2
+    assert "needs the filter history" in capsys.readouterr().err
+    assert cli.main(["finetune", "--run", str(run), "--stage", "train"]) == 2
+    assert "not a prune stage" in capsys.readouterr().err
+
+
+def test_scad_and_mcp_shape_form_from_the_cli(tmp_path, capsys):
+    from slimcore.train import make_penalty
+
+    args = cli.parser().parse_args(["train", *TINY, "--penalty", "scad", "--theta", "0.5", "--out", str(tmp_path)])
+    assert make_penalty(cli._settings(args)) == slimcore.SCAD(a=3.7, theta=0.5)
+    args = cli.parser().parse_args(["train", *TINY, "--penalty", "mcp", "--a", "2", "--out", str(tmp_path)])
+    assert make_penalty(cli._settings(args)) == slimcore.MCP(gamma=2.0)
+    run_cli("train", *TINY, "--penalty", "mcp", "--theta", "0.3", "--out", tmp_path / "m")
+    assert json.load(open(tmp_path / "m" / "config.json"))["train"]["theta"] == 0.3
+    assert cli.main(["train", *TINY, "--penalty", "l1", "--theta", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--theta is a scad / mcp parameter" in capsys.readouterr().err
+
+
+def test_sweep_report_averages_runs_that_differ_only_by_seed(tmp_path):
+    runs = []
+    for seed in (0, 1, 2):
+        run = tmp_path / f"l1-s{seed}"
+        run_cli("train", *TINY[:4], "--epochs", "1", "--batch-size", "64", "--lam", "1e-3", "--quiet",
+                "--seed", seed, "--out", run)
+        run_cli("prune", "--run", run, "--ratio", "0.4")
+        runs.append(run)
+    other = tmp_path / "tl1"  # another penalty: its own row, never averaged in
+    run_cli("train", *TINY[:4], "--epochs", "1", "--batch-size", "64", "--lam", "1e-3", "--quiet",
+            "--penalty", "tl1", "--out", other)
+    run_cli("report", "--sweep", *runs, other, "--out", tmp_path / "sweep")
+    text = (tmp_path / "sweep" / "report.md").read_text()
+    accs = [json.load(open(r / "prune-0.4" / "report.json"))["acc_after"] * 100 for r in runs]
+    mean = sum(accs) / 3
+    std = (sum((a - mean) ** 2 for a in accs) / 2) ** 0.5
+    row = next(line for line in text.splitlines() if line.startswith("| l1-s0, l1-s1, l1-s2 |"))
+    assert "| 3 |" in row and f"{mean:.2f} ± {std:.2f}" in row
+    assert any(line.startswith("| tl1 | tl1 a=1 |") and "| 1 |" in line for line in text.splitlines())

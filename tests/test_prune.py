@@ -264,3 +264,39 @@ def test_pruned_model_exports_to_onnx():
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion,scope", [("bn_scale", "global"), ("l1_filter", "layer"), ("cfp", "global"),
+                                             ("random", "layer")])
+@pytest.mark.parametrize("target", [0.75, 0.4])
+def test_ratio_for_flops_is_the_smallest_ratio_within_the_budget(criterion, scope, target):
+    model, x = build_seed("vgg16", 32, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ratio = slimcore.ratio_for_flops(model, x, target, criterion=criterion, scope=scope)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "dry runs must not change the model"
+
+    def kept(r):
+        rep = slimcore.prune(model, x, ratio=r, criterion=criterion, scope=scope, dry_run=True)
+        return rep.flops_after / rep.flops_before
+
+    # Independent check: a plain scan of ratios brackets the answer within the bisection's resolution.
+    grid = np.linspace(0, 0.99, 34)
+    first_ok = next(r for r in grid if kept(r) <= target)
+    assert kept(ratio) <= target < kept(max(ratio - 2e-4, 0.0))
+    assert ratio <= first_ok + 1e-9
+    pruned = copy.deepcopy(model)
+    report = slimcore.prune(pruned, x, ratio=ratio, criterion=criterion, scope=scope)
+    flops, _ = slimcore.profile(pruned, x)
+    assert flops == report.flops_after and flops <= target * report.flops_before
+
+
+def test_ratio_for_flops_errors():
+    model, x = build_seed("lenet5", 28, 1)
+    assert slimcore.ratio_for_flops(model, x, 1.0) == 0.0
+    for bad in (0.0, 1.5, "half", True):
+        with pytest.raises(ValueError, match="flops_fraction must be in"):
+            slimcore.ratio_for_flops(model, x, bad)
+    with pytest.raises(ValueError, match="'ratio' is not a prune option here"):
+        slimcore.ratio_for_flops(model, x, 0.5, ratio=0.3)
+    with pytest.raises(ValueError, match="no ratio keeps 0.001 of the FLOPs"):
+        slimcore.ratio_for_flops(model, x, 0.001, min_channels=2)

@@ -145,6 +145,37 @@ def test_auto_uses_the_fastest_whole_model_and_never_one_slower_than_round_to_1(
     assert report.latency_check is None and widths(model) != widths(reference[1])
 
 
+class DeployedCostTable(BlockCostTable):
+    """Times each candidate by its BatchNorm count: 1 s per BN left, so only deployed (folded)
+    candidates come out fast; records what it was given."""
+
+    def time_models(self, models, example_inputs):
+        self.timed = models
+        return [float(sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())) + 0.1 * i
+                for i, model in enumerate(models)]
+
+
+def test_the_whole_model_check_times_the_deployed_candidates():
+    base = randomize_batchnorms(models.build("vgg11", width=0.5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+
+    def fold(m):
+        assert not m.training  # handed over in eval mode, after pruning
+        seen.append(widths(m))
+        slimcore.fold_bn(m, x)
+        return m
+
+    model, table = copy.deepcopy(base), DeployedCostTable(batch=2)
+    report = slimcore.prune(model, x, ratio=0.5, round_to="auto", latency_table=table, compensate=False, deploy=fold)
+    assert len(seen) == len(table.timed) == len(report.latency_check["ms"])
+    assert all(not any(isinstance(m, torch.nn.BatchNorm2d) for m in t.modules()) for t in table.timed)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "the returned model is not deployed"
+    with pytest.raises(TypeError, match="deploy must return the model"):
+        slimcore.prune(copy.deepcopy(base), x, ratio=0.5, round_to="auto", latency_table=DeployedCostTable(batch=2),
+                       deploy=lambda m: None)
+
+
 def test_whole_model_timing_on_copies_of_a_real_model():
     """LatencyTable.time_models: real interleaved timings of whole models at the table's batch."""
     table = LatencyTable(batch=4, persist=False)
