@@ -63,6 +63,31 @@ def test_several_round_to_values_including_auto_in_one_run(tmp_path, monkeypatch
     assert list((tmp_path / "cache").glob("latency-cpu-*.json"))
 
 
+def test_fold_bn_makes_the_whole_model_check_time_folded_candidates(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMCORE_CACHE_DIR", str(tmp_path / "cache"))
+    real_prune, deployed = slimcore.prune, []
+
+    def spy(model, x, **kwargs):
+        if kwargs.get("deploy") is not None:
+            hook = kwargs["deploy"]
+
+            def recording(m):
+                out = hook(m)
+                deployed.append(not any(isinstance(b, torch.nn.BatchNorm2d) for b in out.modules()))
+                return out
+
+            kwargs["deploy"] = recording
+        return real_prune(model, x, **kwargs)
+
+    monkeypatch.setattr(latency.slimcore, "prune", spy)
+    out = tmp_path / "latency.json"
+    latency.main(["--models", "lenet5", "--ratios", "0.5", "--batch-sizes", "4", "--repeats", "3", "--fold-bn",
+                  "--round-seconds", "0.01", "--round-to", "1,auto", "--out", str(out)])
+    by = {r["round_to"]: r for r in json.loads(out.read_text())["records"]}
+    assert by["auto"]["auto_latency_check"] is not None
+    assert len(deployed) == len(by["auto"]["auto_latency_check"]["ms"]) and all(deployed)
+
+
 def test_drawn_gammas_make_the_global_threshold_remove_the_share():
     dense, shape = latency.build("preresnet56")
     report = slimcore.prune(copy.deepcopy(dense), torch.randn(1, *shape), ratio=0.5, dry_run=True)
