@@ -272,7 +272,11 @@ def report_sweep(runs, out_dir):
                 f"{kept:.3f} | {r['params_after']:,} | {100 * (1 - r['params_after'] / r['params_before']):.1f}% | "
                 f"{r['acc_after']:.4f} | {tuned} |")
             if r["finetuned_acc"] is not None and stage == "train":
-                series.setdefault((name, r["criterion"]), []).append((kept, r["finetuned_acc"]))
+                # one line per way of pruning: criterion, scope, layer cap
+                how = r["criterion"] + (f", {r['scope']}" if r.get("scope", "global") != "global" else "")
+                if r.get("max_layer_ratio", 1.0) < 1.0:
+                    how += f", max_layer_ratio {r['max_layer_ratio']:g}"
+                series.setdefault((name, how), []).append((kept, r["finetuned_acc"]))
     for j in range(len(runs), nrows * cols):
         axes[j // cols][j % cols].axis("off")
     for row in axes:
@@ -287,10 +291,23 @@ def report_sweep(runs, out_dir):
         lines += [""] + seeds
     if series:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for k, ((name, criterion), points) in enumerate(sorted(series.items())):
+        accs = [a for points in series.values() for _, a in points] + [i["acc"] for i in summaries]
+        # the y-axis spans 10 points below the best; collapsed models sit on its floor as triangles
+        floor = max(min(accs), max(accs) - 0.10)
+        for k, ((name, how), points) in enumerate(sorted(series.items())):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{k % 10}",
-                    label=f"{name}: {criterion}")
+            ax.plot([p[0] for p in points], [max(p[1], floor) for p in points], "o-", color=f"C{k % 10}",
+                    label=f"{name}: {how}")
+            low = [p for p in points if p[1] < floor]
+            ax.plot([p[0] for p in low], [floor] * len(low), "v", ms=9, color=f"C{k % 10}")
+            for p in low:
+                ax.annotate(f"{p[1]:.3f}", (p[0], floor), fontsize=6, xytext=(4, 4), textcoords="offset points")
+        ax.set_ylim(floor - 0.005, max(accs) + 0.005)
+        for k, item in enumerate(summaries):  # each run's unpruned model, at all of its FLOPs
+            if any(key[0] == item["name"] for key in series):
+                ax.plot([1.0], [item["acc"]], "*", ms=10, color="k", alpha=0.3 + 0.7 * k / max(len(summaries) - 1, 1))
+                ax.annotate(f"{item['name']} unpruned", (1.0, item["acc"]), fontsize=6, ha="right",
+                            xytext=(-6, 0), textcoords="offset points")
         ax.set_xlabel("FLOPs kept (fraction of the unpruned model)")
         ax.set_ylabel("test accuracy after fine-tuning")
         ax.set_title("accuracy vs FLOPs")
