@@ -262,7 +262,7 @@ def report_sweep(runs, out_dir):
         rows = _ratio_rows(base)
         summaries.append({"name": name, "group": _seed_group(config), "label": label, "lam": lam,
                           "mode": train.get("mode", "subgradient"), "acc": acc, "zeros": float((g == 0).mean()),
-                          "stages": {r["stage"]: r for r in rows}})
+                          "stages": {r["stage"]: r for r in rows}, "train_metrics": m})
         for r in sorted(rows, key=lambda r: (r["criterion"], r["flops_after"])):
             stage = os.path.basename(os.path.dirname(r["source"])) if "source" in r else ""
             kept = r["flops_after"] / max(r["flops_before"], 1)
@@ -289,6 +289,18 @@ def report_sweep(runs, out_dir):
     seeds = _seed_table(summaries)
     if seeds:
         lines += [""] + seeds
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, item in enumerate(summaries):  # sparsity training, per epoch (seed 004's second figure)
+        m = item["train_metrics"]
+        ax.plot([r["epoch"] + 1 for r in m], [r["test_acc"] for r in m], color=f"C{k % 10}",
+                label=f"{item['name']}: {item['label']} lambda={item['lam']:g}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("sparsity training: test accuracy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(plt, fig, out_dir, "sweep_accuracy.png")
+    lines += ["", "![accuracy per epoch](sweep_accuracy.png)"]
     if series:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         accs = [a for points in series.values() for _, a in points] + [i["acc"] for i in summaries]

@@ -274,6 +274,7 @@ def test_prune_to_a_flops_budget_per_criterion_and_finetune_by_stage(tmp_path, c
     run_cli("report", "--sweep", run, "--out", tmp_path / "sweep")
     text = (tmp_path / "sweep" / "report.md").read_text()
     assert "| run | prune-hbfp-flops0.3 | hbfp | layer |" in text and "sweep_pareto.png" in text
+    assert (tmp_path / "sweep" / "sweep_accuracy.png").stat().st_size > 1000
     assert (tmp_path / "sweep" / "sweep_pareto.png").stat().st_size > 1000
     # errors name the problem
     assert cli.main(["prune", "--run", str(run), "--ratio", "0.5", "--flops", "0.5"]) == 2
