@@ -264,14 +264,14 @@ def report_sweep(runs, out_dir):
                           "mode": train.get("mode", "subgradient"), "acc": acc, "zeros": float((g == 0).mean()),
                           "stages": {r["stage"]: r for r in rows}, "train_metrics": m})
         for r in sorted(rows, key=lambda r: (r["criterion"], r["flops_after"])):
-            stage = os.path.basename(os.path.dirname(r["source"])) if "source" in r else ""
+            pruned_from = os.path.basename(os.path.dirname(r["source"])) if "source" in r else ""
             kept = r["flops_after"] / max(r["flops_before"], 1)
             tuned = f"{r['finetuned_acc']:.4f}" if r["finetuned_acc"] is not None else "-"
             prune_lines.append(
                 f"| {name} | {r['stage']} | {r['criterion']} | {r.get('scope', 'global')} | {r['ratio']:.4g} | "
                 f"{kept:.3f} | {r['params_after']:,} | {100 * (1 - r['params_after'] / r['params_before']):.1f}% | "
                 f"{r['acc_after']:.4f} | {tuned} |")
-            if r["finetuned_acc"] is not None and stage == "train":
+            if r["finetuned_acc"] is not None and pruned_from == "train":  # not prunes of prunes
                 # one line per way of pruning: criterion, scope, layer cap
                 how = r["criterion"] + (f", {r['scope']}" if r.get("scope", "global") != "global" else "")
                 if r.get("max_layer_ratio", 1.0) < 1.0:
