@@ -177,8 +177,9 @@ _NOT_SETTINGS = ("seed", "out", "quiet", "resume", "device", "command")
 
 
 def _seed_group(config):
-    """What a run is apart from its seed: runs that differ only in --seed share it."""
-    train = {k: v for k, v in config["train"].items() if k not in _NOT_SETTINGS}
+    """What a run is apart from its seed: runs that differ only in --seed share it. An option left
+    unset (None) counts as absent, so runs from before an option existed group with newer ones."""
+    train = {k: v for k, v in config["train"].items() if k not in _NOT_SETTINGS and v is not None}
     return json.dumps({k: config.get(k) for k in ("model", "model_kwargs", "dataset", "augment")} | {"train": train},
                       sort_keys=True)
 

@@ -310,6 +310,9 @@ def test_sweep_report_averages_runs_that_differ_only_by_seed(tmp_path):
                 "--seed", seed, "--out", run)
         run_cli("prune", "--run", run, "--ratio", "0.4")
         runs.append(run)
+    config = json.load(open(runs[0] / "config.json"))
+    del config["train"]["theta"]  # as written before --theta existed: still the same settings
+    (runs[0] / "config.json").write_text(json.dumps(config))
     other = tmp_path / "tl1"  # another penalty: its own row, never averaged in
     run_cli("train", *TINY[:4], "--epochs", "1", "--batch-size", "64", "--lam", "1e-3", "--quiet",
             "--penalty", "tl1", "--out", other)
