@@ -698,6 +698,14 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     unscored = int((~classes.frozen & ~np.isfinite(classes.score)).sum())
     if unscored:
         notes.append(f"{unscored} channel groups have no {criterion} score (e.g. no BatchNorm reads them) and stay")
+    # Layers cut down to min_channels: the criterion would have emptied them (or nearly), and a
+    # 1-channel bottleneck rarely trains again; say so, and what prevents it.
+    starved = [plan.name for plan in plans if plan.kind in ("conv", "grouped_conv", "linear")
+               and plan.name not in in_collapsed and min_channels == len(plan.out_keep) < plan.n_out]
+    if starved and max_layer_ratio == 1.0:
+        notes.append(f"{len(starved)} layers keep only min_channels={min_channels} ({', '.join(starved[:4])}"
+                     f"{', ...' if len(starved) > 4 else ''}): the threshold would have emptied them; "
+                     "max_layer_ratio (e.g. 0.9) keeps a share of every layer")
     return PruneReport(
         ratio=ratio, criterion=criterion, scope=scope, params_before=params_before, params_after=params_after,
         flops_before=flops_before, flops_after=flops_after, channels=channels, removed=removed_idx,

@@ -300,3 +300,15 @@ def test_ratio_for_flops_errors():
         slimcore.ratio_for_flops(model, x, 0.5, ratio=0.3)
     with pytest.raises(ValueError, match="no ratio keeps 0.001 of the FLOPs"):
         slimcore.ratio_for_flops(model, x, 0.001, min_channels=2)
+
+
+def test_a_layer_starved_to_min_channels_is_reported():
+    model, x = build_seed("vgg11", 32, 3)
+    bn = model.features[5]  # the second conv's BatchNorm: all of its channels look unimportant
+    with torch.no_grad():
+        bn.weight.mul_(1e-4)
+    starved = slimcore.prune(copy.deepcopy(model), x, ratio=0.3, dry_run=True)
+    assert starved.channels["features.4"][1] == 1
+    assert any("keep only min_channels=1 (features.4)" in n and "max_layer_ratio" in n for n in starved.notes)
+    capped = slimcore.prune(copy.deepcopy(model), x, ratio=0.3, max_layer_ratio=0.9, dry_run=True)
+    assert capped.channels["features.4"][1] > 1 and not any("min_channels" in n for n in capped.notes)
