@@ -148,26 +148,29 @@ def parser():
     return top
 
 
-def _ratios(text):
+def _numbers(text, flag, what, in_range, interval):
+    """Comma-separated floats, each checked by in_range (described as interval)."""
     try:
-        ratios = [float(r) for r in str(text).split(",")]
-    except ValueError:
-        raise CLIError(f"--ratio must be comma-separated numbers, got {text!r}") from None
-    for r in ratios:
-        if not 0.0 <= r < 1.0:
-            raise CLIError(f"prune ratio {r} is out of range: it must be in [0, 1)")
-    return ratios
-
-
-def _fractions(text, flag):
-    try:
-        values = [float(r) for r in str(text).split(",")]
+        values = [float(v) for v in str(text).split(",")]
     except ValueError:
         raise CLIError(f"{flag} must be comma-separated numbers, got {text!r}") from None
     for v in values:
-        if not 0.0 < v <= 1.0:
-            raise CLIError(f"{flag} {v} is out of range: it must be in (0, 1]")
+        if not in_range(v):
+            raise CLIError(f"{what} {v} is out of range: it must be in {interval}")
     return values
+
+
+def _ratios(text):
+    return _numbers(text, "--ratio", "prune ratio", lambda r: 0.0 <= r < 1.0, "[0, 1)")
+
+
+def _fractions(text, flag):
+    return _numbers(text, flag, flag, lambda v: 0.0 < v <= 1.0, "(0, 1]")
+
+
+def _may_be_prune_stage(name):
+    """A plain directory name inside the run that is not the training or a fine-tuning stage."""
+    return not (os.sep in name or name.startswith(".") or name == "train" or name.startswith("finetune-"))
 
 
 def _ratio_name(r):
@@ -354,8 +357,8 @@ def cmd_prune(args):
         targets = [None] * len(ratios)
     if args.name and len(ratios) > 1:
         raise CLIError("--name names one stage: give one --ratio (or --flops) with it")
-    if args.name and (os.path.normpath(args.name) == os.path.normpath(args.source) or args.name == "train"
-                      or args.name.startswith("finetune-") or os.sep in args.name or args.name.startswith(".")):
+    if args.name and (os.path.normpath(args.name) == os.path.normpath(args.source)
+                      or not _may_be_prune_stage(args.name)):
         raise CLIError(f"--name {args.name!r} would overwrite another stage: choose a new directory name")
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
                            args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
@@ -392,7 +395,7 @@ def cmd_finetune(args):
     if args.stage is not None:
         names = [n.strip() for n in args.stage.split(",") if n.strip()]
         for n in names:
-            if os.sep in n or n.startswith(".") or n == "train" or n.startswith("finetune-"):
+            if not _may_be_prune_stage(n):
                 raise CLIError(f"--stage {n!r} is not a prune stage of the run")
     else:
         names = [f"prune-{_ratio_name(r)}" for r in _ratios(args.ratio)]

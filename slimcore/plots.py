@@ -10,6 +10,7 @@ lambdas, seed 004): their gamma distributions side by side and a comparison tabl
 import glob
 import json
 import os
+import statistics
 
 import torch
 
@@ -33,6 +34,16 @@ def _save(plt, fig, out_dir, name):
     fig.savefig(os.path.join(out_dir, name), dpi=110)
     plt.close(fig)
     return name
+
+
+def _save_line_plot(plt, fig, ax, out_dir, name, xlabel, ylabel, title):
+    """Labels a line plot (grid, small legend) and writes it as out_dir/name; returns name."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, out_dir, name)
 
 
 def _json(path):
@@ -116,12 +127,8 @@ def report_run(run, out_dir):
             if m[0].get("val_acc") is not None:
                 ax.plot([r["epoch"] + 1 for r in m], [r["val_acc"] for r in m], ":", color=f"C{i}",
                         label=f"{label} val")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"accuracy per epoch{title}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        figures.append(_save(plt, fig, out_dir, f"{tag}_accuracy.png"))
+        figures.append(_save_line_plot(plt, fig, ax, out_dir, f"{tag}_accuracy.png", "epoch", "accuracy",
+                                       f"accuracy per epoch{title}"))
         if rows:
             ratios = [r["ratio"] for r in rows]
             fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -188,11 +195,10 @@ def _mean_std(values, scale=1.0, digits=2):
     values = [v * scale for v in values if v is not None]
     if not values:
         return "-"
-    mean = sum(values) / len(values)
+    mean = statistics.mean(values)
     if len(values) == 1:
         return f"{mean:.{digits}f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5  # sample std
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"  # sample std
 
 
 def _seed_table(summaries):
@@ -295,12 +301,8 @@ def report_sweep(runs, out_dir):
         m = item["train_metrics"]
         ax.plot([r["epoch"] + 1 for r in m], [r["test_acc"] for r in m], color=f"C{k % 10}",
                 label=f"{item['name']}: {item['label']} lambda={item['lam']:g}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("sparsity training: test accuracy per epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(plt, fig, out_dir, "sweep_accuracy.png")
+    _save_line_plot(plt, fig, ax, out_dir, "sweep_accuracy.png", "epoch", "test accuracy",
+                    "sparsity training: test accuracy per epoch")
     lines += ["", "![accuracy per epoch](sweep_accuracy.png)"]
     if series:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -321,12 +323,8 @@ def report_sweep(runs, out_dir):
                 ax.plot([1.0], [item["acc"]], "*", ms=10, color="k", alpha=0.3 + 0.7 * k / max(len(summaries) - 1, 1))
                 ax.annotate(f"{item['name']} unpruned", (1.0, item["acc"]), fontsize=6, ha="right",
                             xytext=(-6, 0), textcoords="offset points")
-        ax.set_xlabel("FLOPs kept (fraction of the unpruned model)")
-        ax.set_ylabel("test accuracy after fine-tuning")
-        ax.set_title("accuracy vs FLOPs")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        _save(plt, fig, out_dir, "sweep_pareto.png")
+        _save_line_plot(plt, fig, ax, out_dir, "sweep_pareto.png", "FLOPs kept (fraction of the unpruned model)",
+                        "test accuracy after fine-tuning", "accuracy vs FLOPs")
         lines += ["", "![accuracy vs FLOPs](sweep_pareto.png)"]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
