@@ -54,6 +54,8 @@ def _add_training_args(p, finetune=False):
     p.add_argument("--accumulate", type=int, default=None if finetune else 1,
                    help="micro-batches per step (the batch is split; same global batch)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="train conv layers in NHWC (CPU: ~1.3x faster for VGG-11; models are saved NCHW)")
     p.add_argument("--seed", type=int, default=None if finetune else 0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue the stage from its checkpoint.pt")
@@ -215,7 +217,7 @@ def _data(config, settings, device, rank=0, world=1, batch_size=None):
 def _settings(args, lam=None, **overrides):
     s = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                  weight_decay=args.weight_decay, accumulate=args.accumulate, amp=args.amp, seed=args.seed,
-                 quiet=args.quiet)
+                 channels_last=args.channels_last, quiet=args.quiet)
     if hasattr(args, "penalty"):
         s.penalty, s.p, s.a, s.theta, s.mode, s.bn = args.penalty, args.p, args.a, args.theta, args.mode, args.bn
         if s.theta is not None and s.penalty not in ("scad", "mcp"):
@@ -384,7 +386,7 @@ def _finetune_settings(args, config):
         epochs=args.epochs or trained["epochs"], batch_size=args.batch_size or trained["batch_size"],
         lr=args.lr or trained["lr"], momentum=args.momentum if args.momentum is not None else trained["momentum"],
         weight_decay=args.weight_decay if args.weight_decay is not None else trained["weight_decay"],
-        accumulate=args.accumulate or trained.get("accumulate", 1), amp=args.amp, lam=0.0,
+        accumulate=args.accumulate or trained.get("accumulate", 1), amp=args.amp, channels_last=args.channels_last, lam=0.0,
         seed=args.seed if args.seed is not None else trained["seed"], quiet=args.quiet,
         extra={"device": args.device})
 

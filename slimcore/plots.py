@@ -180,7 +180,7 @@ def penalty_label(train):
     return name
 
 
-_NOT_SETTINGS = ("seed", "out", "quiet", "resume", "device", "command")
+_NOT_SETTINGS = ("seed", "out", "quiet", "resume", "device", "command", "channels_last")  # channels_last: a layout
 
 
 def _seed_group(config):

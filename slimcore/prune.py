@@ -12,6 +12,7 @@ listed modules.
 """
 
 import copy
+import inspect
 import math
 import os
 import time
@@ -241,8 +242,18 @@ def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, b
             break
         removed[classes.sel_class[newly]] = True
         forced[classes.sel_class[newly]] = True
+    # Selection layers keep min_channels too; never by putting back a channel of a collapsed block.
+    reads_collapsed = np.zeros(classes.n, dtype=bool)
+    reads_collapsed[classes.sel_class[protected[classes.parent_class]]] = True
     _restore(classes, removed, classes.layers(classes.is_selection & ~protected), round_to, min_channels,
-             classes.candidate & ~forced, max_layer_ratio)
+             classes.candidate & ~forced & ~reads_collapsed, max_layer_ratio)
+    # A selection channel put back may read an input channel the threshold removed (both were
+    # below it): that input channel comes back too (to a fixed point: selections can chain).
+    while True:
+        orphan = ~removed[classes.sel_class] & removed[classes.parent_class]
+        if not orphan.any():
+            break
+        removed[classes.parent_class[orphan]] = False
     return removed, threshold, collapsed
 
 
@@ -543,6 +554,31 @@ def _module_names(model, items):
     return names
 
 
+def _analysis(model, inputs, criterion, ignore, leaf_modules, history, seed, compensate, collapse_blocks):
+    """What prune() knows before it picks a ratio: the traced graph, the scored channel classes and
+    the residual blocks that may collapse."""
+    graph = analyze(model, inputs, ignore=_module_names(model, ignore), leaf_modules=leaf_modules)
+    classes = _Classes(graph, atom_scores(graph, criterion, history=history, seed=seed))
+    blocks = _collapsible_blocks(graph, classes, compensate) if collapse_blocks else []
+    return graph, classes, blocks
+
+
+def _in_collapsed(plans, collapsed):
+    return {plan.name for plan in plans if any(plan.name.startswith(b + ".") for b in collapsed)}
+
+
+def _flops_after(graph, plans, collapsed, in_collapsed):
+    """MACs of the model once ``plans`` are applied and the ``collapsed`` blocks are gone."""
+    flops = sum(graph.macs.values())
+    for name in collapsed:
+        flops -= sum(m for n, m in graph.macs.items() if n.startswith(name + "."))
+    for plan in plans:
+        if _changes(plan) and plan.name not in in_collapsed:
+            macs = graph.macs.get(plan.name, 0)
+            flops += round(macs * _new_counts(plan)[1]) - macs  # the MAC factor does not depend on biases
+    return flops
+
+
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
           history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True,
@@ -605,10 +641,8 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     if not (isinstance(max_layer_ratio, (int, float)) and 0.0 < max_layer_ratio <= 1.0):
         raise ValueError(f"slimcore.prune: max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
     inputs = _as_tuple(example_inputs)
-    graph = analyze(model, inputs, ignore=_module_names(model, ignore), leaf_modules=leaf_modules)
-    scores = atom_scores(graph, criterion, history=history, seed=seed)
-    classes = _Classes(graph, scores)
-    blocks = _collapsible_blocks(graph, classes, compensate) if collapse_blocks else []
+    graph, classes, blocks = _analysis(model, inputs, criterion, ignore, leaf_modules, history, seed, compensate,
+                                       collapse_blocks)
     width_choices, widen = [], None
     if round_to == "auto":
         table = latency_table or _default_latency_table(model, inputs, device)
@@ -629,7 +663,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                                                    max_layer_ratio, blocks, None)
     kept_atom = ~removed[classes.of_atom]
     plans = _plans(graph, kept_atom)
-    in_collapsed = {plan.name for plan in plans if any(plan.name.startswith(b + ".") for b in collapsed)}
+    in_collapsed = _in_collapsed(plans, collapsed)
     stream_of = {b.name: b.stream_atoms for b in graph.residual_blocks}
 
     channels, removed_idx = {}, {}
@@ -659,20 +693,16 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
 
     params_before = count_params(model)
     flops_before = sum(graph.macs.values())
-    params_after, flops_after = params_before, flops_before
+    flops_after = _flops_after(graph, plans, collapsed, in_collapsed)
+    params_after = params_before
     for name in collapsed:  # the whole block goes; a constant buffer replaces it
-        block = model.get_submodule(name)
-        params_after -= sum(p.numel() for p in block.parameters())
-        flops_after -= sum(m for n, m in graph.macs.items() if n.startswith(name + "."))
+        params_after -= sum(p.numel() for p in model.get_submodule(name).parameters())
     for plan in plans:
         if not _changes(plan) or plan.name in in_collapsed:
             continue
         add_bias = (plan.name in deltas and getattr(plan.module, "bias", None) is None
                     and (plan.kind == "linear" or not _needs_map(plan.module)))
-        new_params, mac_factor = _new_counts(plan, add_bias)
-        params_after += new_params - _own_params(plan.module)
-        macs = graph.macs.get(plan.name, 0)
-        flops_after += round(macs * mac_factor) - macs
+        params_after += _new_counts(plan, add_bias)[0] - _own_params(plan.module)
 
     max_error = mean_error = 0.0
     if not dry_run:
@@ -717,6 +747,31 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     )
 
 
+def _kept_flops(model, example_inputs, **prune_kwargs):
+    """A function of the ratio: the share of FLOPs ``prune(model, example_inputs, ratio, dry_run=True,
+    **prune_kwargs)`` would leave. One trace and one scoring serve every ratio (only the threshold
+    moves); round_to="auto" times widths per ratio, so there each call is a dry run of prune()."""
+    unpruned = prune(model, example_inputs, ratio=0.0, dry_run=True, **prune_kwargs)  # checks every option
+    if prune_kwargs.get("round_to") == "auto":
+        def kept(ratio):
+            rep = prune(model, example_inputs, ratio=ratio, dry_run=True, **prune_kwargs)
+            return rep.flops_after / max(rep.flops_before, 1)
+        return kept
+    o = inspect.signature(prune).bind(model, example_inputs, **prune_kwargs)
+    o.apply_defaults()
+    o = o.arguments
+    graph, classes, blocks = _analysis(model, _as_tuple(example_inputs), o["criterion"], o["ignore"],
+                                       o["leaf_modules"], o["history"], o["seed"], o["compensate"],
+                                       o["collapse_blocks"])
+
+    def kept(ratio):
+        removed, _, collapsed = decide(classes, ratio, o["scope"], o["round_to"], o["min_channels"],
+                                       o["max_layer_ratio"], blocks)
+        plans = _plans(graph, ~removed[classes.of_atom])
+        return _flops_after(graph, plans, collapsed, _in_collapsed(plans, collapsed)) / max(unpruned.flops_before, 1)
+    return kept
+
+
 def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **prune_kwargs):
     """The smallest prune ratio at which ``prune(model, example_inputs, ratio, **prune_kwargs)``
     leaves at most ``flops_fraction`` of the model's FLOPs (multiply-accumulates, as in
@@ -739,11 +794,7 @@ def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **pr
         if key in prune_kwargs:
             raise ValueError(f"slimcore.ratio_for_flops: {key!r} is not a prune option here (it finds the ratio)")
     prune_kwargs["check_latency"] = False  # dry runs: the whole-model check would only time copies
-
-    def kept(ratio):
-        rep = prune(model, example_inputs, ratio=ratio, dry_run=True, **prune_kwargs)
-        return rep.flops_after / max(rep.flops_before, 1)
-
+    kept = _kept_flops(model, example_inputs, **prune_kwargs)
     if kept(0.0) <= flops_fraction:
         return 0.0
     lo, hi = 0.0, 1.0 - resolution

@@ -66,6 +66,7 @@ class Settings:
     bn: str = "stock"
     accumulate: int = 1
     amp: bool = False
+    channels_last: bool = False  # train 4-D layers in NHWC (faster convolutions on CPU); saved NCHW
     seed: int = 0
     quiet: bool = False
     extra: dict = field(default_factory=dict)
@@ -236,6 +237,8 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
             raise ValueError(f"bn='fused' converts BatchNorm1d/2d only; {', '.join(left[:5])} "
                              f"({type(model.get_submodule(left[0])).__name__}) would get no penalty: use bn='stock'")
     model.to(device)
+    if s.channels_last:  # before the optimizer, so its momentum buffers take the same layout
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     milestones = sorted({max(1, int(round(f * s.epochs))) for f in s.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
@@ -341,6 +344,8 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         from .nn import revert_bn
 
         revert_bn(model)
+    if s.channels_last:  # hand back (and save) the model NCHW: the pruner's gather reads contiguous weights
+        model.to(memory_format=torch.contiguous_format)
     if main:
         save_pruned(model, os.path.join(stage_dir, "model.pt"), meta=meta)
         atomic_save(filter_history.state_dict(), os.path.join(stage_dir, FILTER_HISTORY))

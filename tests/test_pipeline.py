@@ -12,7 +12,7 @@ import torch
 
 import slimcore
 from slimcore import cli, data, models
-from slimcore.train import Settings, fit, load_model, model_meta
+from slimcore.train import Settings, fit, load_checkpoint, load_model, model_meta
 
 TINY = ["--model", "lenet5", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "64", "--lam", "1e-3",
         "--quiet"]
@@ -194,6 +194,38 @@ def test_fused_bn_training_follows_stock_bn_and_saves_plain_bn(tmp_path, penalty
             Settings(epochs=1, batch_size=64, lam=1e-3, mode="proximal", bn="fused", quiet=True), str(tmp_path / "p"),
             {}, torch.device("cpu"))
     assert cli.main(["train", *TINY, "--bn", "fused", "--mode", "proximal", "--out", str(tmp_path / "c")]) == 2
+
+
+def test_channels_last_training_follows_nchw_and_hands_back_nchw(tmp_path):
+    """channels_last=True trains the same weights as NCHW (a layout, not a method: same numbers up
+    to conv rounding over a few steps), and the model it returns and saves is NCHW again, so the
+    pruner's gather (which refuses channels_last weights) takes it as it is."""
+    train, _, _, spec = data.datasets("synthetic")
+    trained = {}
+    for layout in (False, True):
+        torch.manual_seed(0)
+        model = models.build("vgg11", in_channels=1, input_size=28, width=0.125)
+        loader = data.Loader(train, spec, 64, train=True, sampler=_FirstSamples(2 * 64))
+        s = Settings(epochs=2, batch_size=64, lam=1e-2, channels_last=layout, quiet=True)
+        fit(model, loader, None, None, s, str(tmp_path / str(layout)),
+            model_meta("vgg11", {"width": 0.125}, "synthetic", [1, 28, 28]), torch.device("cpu"))
+        assert all(p.is_contiguous() for p in model.parameters()), "handed back NCHW"
+        during = load_checkpoint(str(tmp_path / str(layout) / "checkpoint.pt"))["model"]["state_dict"]
+        conv = during["features.4.weight"]  # 16 x 8 x 3 x 3: the two layouts differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) == layout != conv.is_contiguous()
+        trained[layout] = model.state_dict()
+    for name, want in trained[False].items():
+        torch.testing.assert_close(trained[True][name], want, rtol=1e-4, atol=1e-5, msg=name)
+    start = models.build("vgg11", in_channels=1, input_size=28, width=0.125).state_dict()
+    assert not torch.equal(trained[True]["features.0.weight"], start["features.0.weight"])
+    # from the CLI: train and fine-tune NHWC, prune the saved model
+    tiny = [a if a != "lenet5" else "vgg11" for a in TINY]
+    run_cli("train", *tiny, "--width", "0.125", "--channels-last", "--out", tmp_path / "cli")
+    run_cli("prune", "--run", tmp_path / "cli", "--ratio", "0.5")
+    run_cli("finetune", "--run", tmp_path / "cli", "--ratio", "0.5", "--epochs", "1", "--channels-last")
+    config = json.load(open(tmp_path / "cli" / "config.json"))
+    assert config["train"]["channels_last"] is True
+    assert os.path.exists(tmp_path / "cli" / "finetune-0.5" / "model.pt")
 
 
 def test_every_seed_model_trains_a_step_and_prunes_at_28_and_32():

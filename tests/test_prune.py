@@ -58,6 +58,25 @@ def test_torchvision_models_prune_exactly(name, ratio):
     assert report.params_after < report.params_before and report.flops_after < report.flops_before
 
 
+@pytest.mark.parametrize("round_to", [1, 8])
+@pytest.mark.parametrize("name", ["densenet40", "densenet121"])
+def test_selection_batchnorms_at_high_ratios_keep_the_inputs_they_read(name, round_to):
+    """At 95% a selection BN (reading some channels of a concat) is put back to min_channels /
+    round_to with channels whose input the threshold also removed; those inputs come back too.
+    (Before the fix: selected_index -1 and an IndexError in forward.)"""
+    model, x = build_torchvision(name) if name == "densenet121" else build_seed(name, 32, 3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand_like(m.weight) ** 3)
+    report = check_prune(model, x, ratio=0.95, round_to=round_to)
+    assert report.flops_after < 0.3 * report.flops_before
+    for m in model.modules():
+        index = getattr(m, "selected_index", None)
+        if index is not None:
+            assert int(index.min()) >= 0 and len(index) >= 1
+
+
 @pytest.mark.parametrize("ratio", [0.3, 0.7])
 @pytest.mark.parametrize("name,size,channels", SEEDS)
 def test_seed_models_prune_exactly(name, size, channels, ratio):
@@ -288,6 +307,36 @@ def test_ratio_for_flops_is_the_smallest_ratio_within_the_budget(criterion, scop
     report = slimcore.prune(pruned, x, ratio=ratio, criterion=criterion, scope=scope)
     flops, _ = slimcore.profile(pruned, x)
     assert flops == report.flops_after and flops <= target * report.flops_before
+
+
+@pytest.mark.parametrize("name,size,channels,options", [
+    ("preresnet56", 32, 3, {"compensate": False}), ("densenet40", 32, 3, {"round_to": 8}), ("vgg11", 28, 1, {"max_layer_ratio": 0.8}),
+    ("mobilenet_v2", 64, 3, {"scope": "layer", "criterion": "l1_filter", "min_channels": 4})])
+def test_ratio_for_flops_bisects_on_what_prune_would_do(name, size, channels, options):
+    """ratio_for_flops traces and scores once, then only moves the threshold: the FLOPs it sees at
+    each ratio are those of the model prune() rebuilds at that ratio (residual blocks, concat,
+    depthwise, round_to, layer caps and collapsed blocks included)."""
+    from slimcore.prune import _kept_flops
+
+    model, x = build_torchvision(name) if name == "mobilenet_v2" else build_seed(name, size, channels)
+    with torch.no_grad():  # spread gammas, some near zero, so residual blocks collapse at high ratios
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand_like(m.weight) ** 3)
+        if name == "preresnet56":  # dead branches: these blocks collapse
+            for block in list(model.layer1)[1::3] + list(model.layer2)[1::3]:
+                block.bn2.weight.zero_()
+    kept = _kept_flops(model, x, **options)
+    dense_flops, _ = slimcore.profile(model, x)
+    collapsed = 0
+    for r in np.linspace(0.0, 0.95, 7):
+        pruned = copy.deepcopy(model)
+        rep = slimcore.prune(pruned, x, ratio=float(r), **options)
+        collapsed += len(rep.collapsed)
+        flops, _ = slimcore.profile(pruned, x)  # counted on the rebuilt model: independent of prune's bookkeeping
+        assert kept(float(r)) == flops / dense_flops, r
+    if name == "preresnet56":
+        assert collapsed > 0, "the check should cover collapsed blocks"
 
 
 def test_ratio_for_flops_errors():
