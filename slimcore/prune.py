@@ -242,18 +242,25 @@ def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, b
             break
         removed[classes.sel_class[newly]] = True
         forced[classes.sel_class[newly]] = True
-    # Selection layers keep min_channels too; never by putting back a channel of a collapsed block.
-    reads_collapsed = np.zeros(classes.n, dtype=bool)
-    reads_collapsed[classes.sel_class[protected[classes.parent_class]]] = True
+    # Selection layers keep min_channels too; never by putting back a channel that reads (through
+    # any chain of selections) a channel of a collapsed block.
+    reads_collapsed = protected.copy()
+    while True:
+        newly = reads_collapsed[classes.parent_class] & ~reads_collapsed[classes.sel_class]
+        if not newly.any():
+            break
+        reads_collapsed[classes.sel_class[newly]] = True
     _restore(classes, removed, classes.layers(classes.is_selection & ~protected), round_to, min_channels,
              classes.candidate & ~forced & ~reads_collapsed, max_layer_ratio)
     # A selection channel put back may read an input channel the threshold removed (both were
-    # below it): that input channel comes back too (to a fixed point: selections can chain).
-    while True:
-        orphan = ~removed[classes.sel_class] & removed[classes.parent_class]
-        if not orphan.any():
-            break
-        removed[classes.parent_class[orphan]] = False
+    # below it): that input channel comes back too (to a fixed point: selections can chain), and
+    # its layer is rounded to round_to again (putting back more creates no such orphan).
+    orphan = ~removed[classes.sel_class] & removed[classes.parent_class]
+    if orphan.any():
+        while orphan.any():
+            removed[classes.parent_class[orphan]] = False
+            orphan = ~removed[classes.sel_class] & removed[classes.parent_class]
+        _restore(classes, removed, classes.layers(base), round_to, min_channels, classes.candidate, max_layer_ratio)
     return removed, threshold, collapsed
 
 

@@ -238,6 +238,8 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
                              f"({type(model.get_submodule(left[0])).__name__}) would get no penalty: use bn='stock'")
     model.to(device)
     if s.channels_last:  # before the optimizer, so its momentum buffers take the same layout
+        if any(p.dim() == 5 for p in model.parameters()):
+            raise ValueError("channels_last is for 2-D convolutions; this model has 5-D (Conv3d) weights")
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     milestones = sorted({max(1, int(round(f * s.epochs))) for f in s.milestones})

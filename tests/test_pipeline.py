@@ -218,6 +218,9 @@ def test_channels_last_training_follows_nchw_and_hands_back_nchw(tmp_path):
         torch.testing.assert_close(trained[True][name], want, rtol=1e-4, atol=1e-5, msg=name)
     start = models.build("vgg11", in_channels=1, input_size=28, width=0.125).state_dict()
     assert not torch.equal(trained[True]["features.0.weight"], start["features.0.weight"])
+    with pytest.raises(ValueError, match="channels_last is for 2-D convolutions"):
+        fit(torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1)), loader, None, None,
+            Settings(epochs=1, channels_last=True, quiet=True), str(tmp_path / "3d"), {}, torch.device("cpu"))
     # from the CLI: train and fine-tune NHWC, prune the saved model
     tiny = [a if a != "lenet5" else "vgg11" for a in TINY]
     run_cli("train", *tiny, "--width", "0.125", "--channels-last", "--out", tmp_path / "cli")
