@@ -199,6 +199,16 @@ def _restore(classes, removed, groups, round_to, min_channels, allowed, max_laye
         removed[back] = False
 
 
+def _down_selections(classes, mask):
+    """Grows a class mask (in place, and returns it) along selection edges: a selection class
+    whose input class is in the mask joins it, to a fixed point (selections can chain)."""
+    while True:
+        newly = mask[classes.parent_class] & ~mask[classes.sel_class]
+        if not newly.any():
+            return mask
+        mask[classes.sel_class[newly]] = True
+
+
 def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, blocks=(), widen=None):
     """Boolean array: class removed. Returns (removed, threshold, collapsed block names).
 
@@ -235,21 +245,12 @@ def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, b
     if widen is not None:
         widen(removed, classes.layers(base), classes.candidate)
     # A selection channel goes when its input channel goes (to a fixed point: selections can chain).
-    forced = np.zeros(classes.n, dtype=bool)
-    while True:
-        newly = removed[classes.parent_class] & ~removed[classes.sel_class]
-        if not newly.any():
-            break
-        removed[classes.sel_class[newly]] = True
-        forced[classes.sel_class[newly]] = True
+    before = removed.copy()
+    _down_selections(classes, removed)
+    forced = removed & ~before
     # Selection layers keep min_channels too; never by putting back a channel that reads (through
     # any chain of selections) a channel of a collapsed block.
-    reads_collapsed = protected.copy()
-    while True:
-        newly = reads_collapsed[classes.parent_class] & ~reads_collapsed[classes.sel_class]
-        if not newly.any():
-            break
-        reads_collapsed[classes.sel_class[newly]] = True
+    reads_collapsed = _down_selections(classes, protected.copy())
     _restore(classes, removed, classes.layers(classes.is_selection & ~protected), round_to, min_channels,
              classes.candidate & ~forced & ~reads_collapsed, max_layer_ratio)
     # A selection channel put back may read an input channel the threshold removed (both were
