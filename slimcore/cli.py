@@ -326,7 +326,8 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
               "acc_before": acc_before, "acc_after": acc_after, "params_before": params_before,
               "params_after": report.params_after, "flops_before": flops_before, "flops_after": report.flops_after,
               "size_before": file_size(source), "size_after": file_size(os.path.join(out_dir, "model.pt")),
-              "channels_removed": report.channels_removed, "threshold": report.threshold,
+              "channels_removed": report.channels_removed,
+              "channels_removed_share": report.channels_removed_share, "threshold": report.threshold,
               "channels": {k: list(v) for k, v in report.channels.items()}, "notes": report.notes,
               "seconds": report.seconds, "compensate": compensate, "compensated_layers": len(report.compensated),
               "compensation_max_error": report.compensation_max_error, "max_layer_ratio": max_layer_ratio,
@@ -338,9 +339,9 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
 
 
 def _print_prune_table(results):
-    print(f"{'ratio':>5} {'acc before':>10} {'acc after':>10} {'params':>22} {'MFLOPs':>17} {'size MB':>15}")
+    print(f"{'ratio':>5} {'removed':>7} {'acc before':>10} {'acc after':>10} {'params':>22} {'MFLOPs':>17} {'size MB':>15}")
     for r in results:
-        print(f"{r['ratio']:>5g} {r['acc_before']:>10.4f} {r['acc_after']:>10.4f} "
+        print(f"{r['ratio']:>5g} {100 * r['channels_removed_share']:>6.1f}% {r['acc_before']:>10.4f} {r['acc_after']:>10.4f} "
               f"{r['params_before']:>10,} -> {r['params_after']:>9,} "
               f"{r['flops_before'] / 1e6:>7.1f} -> {r['flops_after'] / 1e6:>7.1f} "
               f"{r['size_before'] / 1e6:>6.2f} -> {r['size_after'] / 1e6:>5.2f}")

@@ -149,11 +149,13 @@ def report_run(run, out_dir):
             ax2.grid(alpha=0.3)
             figures.append(_save(plt, fig, out_dir, f"{tag}_ratios.png"))
             lines += [f"## Pruning{title}", "",
-                      "| stage | criterion | ratio | acc unpruned | acc pruned | acc fine-tuned | params | FLOPs | size MB |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| stage | criterion | ratio | channels removed | acc unpruned | acc pruned | acc fine-tuned | params | FLOPs | size MB |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 tuned = f"{r['finetuned_acc']:.4f}" if r["finetuned_acc"] is not None else "-"
-                lines.append(f"| {r['stage']} | {r['criterion']} | {r['ratio']:.4g} | {r['acc_before']:.4f} | {r['acc_after']:.4f} | {tuned} | "
+                share = r.get("channels_removed_share")  # absent from reports written before it existed
+                share = f"{100 * share:.1f}%" if share is not None else "-"
+                lines.append(f"| {r['stage']} | {r['criterion']} | {r['ratio']:.4g} | {share} | {r['acc_before']:.4f} | {r['acc_after']:.4f} | {tuned} | "
                              f"{r['params_before']:,} → {r['params_after']:,} | "
                              f"{r['flops_before'] / 1e6:.1f}M → {r['flops_after'] / 1e6:.1f}M | "
                              f"{r['size_before'] / 1e6:.2f} → {r['size_after'] / 1e6:.2f} |")

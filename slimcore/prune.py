@@ -62,6 +62,9 @@ class PruneReport:
     collapsed: list = field(default_factory=list)  # residual blocks replaced by x + constant
     widths: list = field(default_factory=list)  # round_to="auto": per layer asked/chosen width and timings (ms)
     latency_check: dict = None  # round_to="auto": whole-model ms per candidate ("auto", "1", "8", ...) and the chosen one
+    # Share of the scored channels (the pool ``ratio`` is a share of) actually removed: min_channels,
+    # max_layer_ratio and round_to put channels back, collapsed blocks take more.
+    channels_removed_share: float = 0.0
 
     @property
     def channels_removed(self):
@@ -75,6 +78,7 @@ class PruneReport:
             f"ratio={self.ratio} in {self.seconds:.3f} s",
             f"  params {self.params_before:,} -> {self.params_after:,} (-{p:.1f}%)",
             f"  FLOPs  {self.flops_before:,} -> {self.flops_after:,} (-{f:.1f}%)",
+            f"  channels removed: {100 * self.channels_removed_share:.1f}% of the scored ones (ratio asked {self.ratio:g})",
         ]
         shrunk = [(n, b, a) for n, (b, a) in self.channels.items() if a != b]
         lines.append(f"  {len(shrunk)} of {len(self.channels)} layers narrowed")
@@ -732,6 +736,8 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                 diff = (model(*inputs) - target).abs()
                 model.train(was_training)
                 max_error, mean_error = float(diff.max()), float(diff.mean())
+    pool = classes.size[classes.candidate].sum()
+    share_removed = float(classes.size[classes.candidate & removed].sum() / pool) if pool else 0.0
     notes = list(graph.notes)
     unscored = int((~classes.frozen & ~np.isfinite(classes.score)).sum())
     if unscored:
@@ -752,6 +758,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                      for name in deltas},
         compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed,
         widths=[c.as_dict() for c in width_choices], latency_check=latency_check,
+        channels_removed_share=share_removed,
     )
 
 

@@ -41,6 +41,8 @@ def test_train_prune_finetune_report(tmp_path):
     run_cli("report", "--run", run)
     text = (run / "report.md").read_text()
     assert "| 0.6 |" in text and "run_gamma.png" in text
+    share = json.load(open(run / "prune-0.6" / "report.json"))["channels_removed_share"]
+    assert 0 < share <= 1 and f"| 0.6 | {100 * share:.1f}% |" in text
     for png in ("run_gamma.png", "run_accuracy.png", "run_ratios.png"):
         assert (run / png).stat().st_size > 1000
 

@@ -364,3 +364,24 @@ def test_a_layer_starved_to_min_channels_is_reported():
     assert any("keep only min_channels=1 (features.4)" in n and "max_layer_ratio" in n for n in starved.notes)
     capped = slimcore.prune(copy.deepcopy(model), x, ratio=0.3, max_layer_ratio=0.9, dry_run=True)
     assert capped.channels["features.4"][1] > 1 and not any("min_channels" in n for n in capped.notes)
+
+
+def bn_removed_share(model, report):
+    """Share of all BatchNorm channels gone, counted from report.channels (the rebuilt layers)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    before = sum(report.channels[n][0] for n in names)
+    return sum(report.channels[n][0] - report.channels[n][1] for n in names) / before
+
+
+@pytest.mark.parametrize("options", [{}, {"max_layer_ratio": 0.9}, {"max_layer_ratio": 0.6}, {"round_to": 8}])
+def test_channels_removed_share_is_what_the_rebuilt_layers_lost(options):
+    # With a cap or rounding the share removed differs from the ratio asked; the report says which.
+    model, x = build_seed("vgg11", 32, 3)
+    report = slimcore.prune(model, x, ratio=0.75, **options)
+    assert report.channels_removed_share == pytest.approx(bn_removed_share(model, report), abs=1e-12)
+    if not options:  # the plain global threshold removes the share asked, to one channel
+        total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        assert abs(report.channels_removed_share - 0.75) <= 1 / total
+    if options.get("max_layer_ratio") == 0.6:
+        assert report.channels_removed_share <= 0.6 + 1e-9 < 0.75
+    assert f"channels removed: {100 * report.channels_removed_share:.1f}%" in str(report)
