@@ -13,7 +13,7 @@ from .graph import TraceFailure
 from .nn import SlimBatchNorm1d, SlimBatchNorm2d, convert_bn, revert_bn, set_penalty_scale
 from .penalties import L1, L2, MCP, SCAD, TL1, Lp, LpNorm
 from .profile import profile
-from .prune import PruneReport, load_pruned, prune, ratio_for_flops, save_pruned
+from .prune import PruneReport, load_pruned, prune, ratio_for_channels, ratio_for_flops, save_pruned
 from .step import SparseBNStep, bn_weights, sparse_bn_step, sparsity_loss
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "sparse_bn_step",
     "sparsity_loss",
     "prune",
+    "ratio_for_channels",
     "ratio_for_flops",
     "PruneReport",
     "save_pruned",

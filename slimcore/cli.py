@@ -33,7 +33,7 @@ from . import models
 from .criteria import CRITERIA
 from .penalties import NAMES as PENALTY_NAMES
 from .profile import profile
-from .prune import SCOPES, prune, ratio_for_flops, save_pruned
+from .prune import SCOPES, prune, ratio_for_channels, ratio_for_flops, save_pruned
 from .train import FILTER_HISTORY, Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
 from .widths import LatencyTable
 
@@ -124,9 +124,13 @@ def parser():
     p.add_argument("--flops", default=None,
                    help="instead of --ratio: keep at most this fraction of the FLOPs (comma-separated: several); "
                         "the ratio is found per criterion by dry runs. Stages: prune-<criterion>-flops<f>")
+    p.add_argument("--channels", default=None,
+                   help="instead of --ratio: remove at least this share of the scored channels (comma-separated: "
+                        "several); with --max-layer-ratio, --min-channels or --round-to putting channels back the "
+                        "ratio that does is larger, found by dry runs. Stages: prune-channels<s>")
     p.add_argument("--name", default=None,
                    help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
-                        "prune-<criterion>-flops<f>; one ratio only). `finetune --stage NAME` fine-tunes it")
+                        "prune-<criterion>-flops<f> or prune-channels<s>; one ratio only). `finetune --stage NAME` fine-tunes it")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("finetune", help="fine-tune a pruned model (no penalty)")
     p.add_argument("--run", required=True)
@@ -284,12 +288,19 @@ def _filter_history(model, source_dir):
 
 def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
                 device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64,
-                flops=None):
+                flops=None, channels=None):
     """Prunes source_dir/model.pt at one ratio (or, with ``flops``, at the ratio that keeps that
-    fraction of the FLOPs) into out_dir (default run/prune-<ratio> or run/prune-<criterion>-flops<f>); returns
-    its report. Under torchrun, rank 0 prunes and the others read its report."""
+    fraction of the FLOPs; with ``channels``, at the ratio that removes that share of the scored
+    channels) into out_dir (default run/prune-<ratio>, run/prune-<criterion>-flops<f> or
+    run/prune-channels<s>); returns its report. Under torchrun, rank 0 prunes and the others read
+    its report."""
     rank, world = distributed()
-    default_name = f"prune-{criterion}-flops{flops:g}" if flops is not None else f"prune-{_ratio_name(ratio)}"
+    if flops is not None:
+        default_name = f"prune-{criterion}-flops{flops:g}"
+    elif channels is not None:
+        default_name = f"prune-channels{channels:g}"
+    else:
+        default_name = f"prune-{_ratio_name(ratio)}"
     out_dir = out_dir or os.path.join(run, default_name)
     if rank != 0:
         torch.distributed.barrier()
@@ -312,16 +323,18 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
                    compensate=compensate, max_layer_ratio=max_layer_ratio, latency_table=table,
                    history=_filter_history(model, source_dir) if criterion == "hbfp" else None)
     model.eval()
-    if flops is not None:
-        try:
+    try:
+        if flops is not None:
             ratio = ratio_for_flops(model, x, flops, **options)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
+        elif channels is not None:
+            ratio = ratio_for_channels(model, x, channels, **options)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     report = prune(model, x, ratio=ratio, **options)
     acc_after, _ = evaluate(model, test_loader, dev)
     os.makedirs(out_dir, exist_ok=True)
     save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})
-    result = {"ratio": ratio, "flops_target": flops, "criterion": criterion, "scope": scope, "round_to": round_to,
+    result = {"ratio": ratio, "flops_target": flops, "channels_target": channels, "criterion": criterion, "scope": scope, "round_to": round_to,
               "source": source,
               "acc_before": acc_before, "acc_after": acc_after, "params_before": params_before,
               "params_after": report.params_after, "flops_before": flops_before, "flops_after": report.flops_after,
@@ -350,23 +363,28 @@ def _print_prune_table(results):
 def cmd_prune(args):
     run = args.run
     _read_config(run)
-    if args.flops is not None and args.ratio is not None:
-        raise CLIError("give --ratio or --flops, not both")
+    given = [flag for flag, v in (("--ratio", args.ratio), ("--flops", args.flops), ("--channels", args.channels))
+             if v is not None]
+    if len(given) > 1:
+        raise CLIError(f"give one of --ratio, --flops and --channels, not {' and '.join(given)}")
     if args.flops is not None:
-        targets = _fractions(args.flops, "--flops")
-        ratios = [None] * len(targets)
+        flops = _fractions(args.flops, "--flops")
+        ratios = channels = [None] * len(flops)
+    elif args.channels is not None:
+        channels = _fractions(args.channels, "--channels")
+        ratios = flops = [None] * len(channels)
     else:
         ratios = _ratios(args.ratio if args.ratio is not None else "0.5")
-        targets = [None] * len(ratios)
+        flops = channels = [None] * len(ratios)
     if args.name and len(ratios) > 1:
-        raise CLIError("--name names one stage: give one --ratio (or --flops) with it")
+        raise CLIError("--name names one stage: give one --ratio (or --flops, --channels) with it")
     if args.name and (os.path.normpath(args.name) == os.path.normpath(args.source)
                       or not _may_be_prune_stage(args.name)):
         raise CLIError(f"--name {args.name!r} would overwrite another stage: choose a new directory name")
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
                            args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
-                           args.compensate, args.max_layer_ratio, args.latency_batch, flops=f)
-               for r, f in zip(ratios, targets)]
+                           args.compensate, args.max_layer_ratio, args.latency_batch, flops=f, channels=c)
+               for r, f, c in zip(ratios, flops, channels)]
     _print_prune_table(results)
     return results
 

@@ -736,8 +736,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                 diff = (model(*inputs) - target).abs()
                 model.train(was_training)
                 max_error, mean_error = float(diff.max()), float(diff.mean())
-    pool = classes.size[classes.candidate].sum()
-    share_removed = float(classes.size[classes.candidate & removed].sum() / pool) if pool else 0.0
+    share_removed = _removed_share(classes, removed)
     notes = list(graph.notes)
     unscored = int((~classes.frozen & ~np.isfinite(classes.score)).sum())
     if unscored:
@@ -762,16 +761,26 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     )
 
 
-def _kept_flops(model, example_inputs, **prune_kwargs):
-    """A function of the ratio: the share of FLOPs ``prune(model, example_inputs, ratio, dry_run=True,
-    **prune_kwargs)`` would leave. One trace and one scoring serve every ratio (only the threshold
+def _removed_share(classes, removed):
+    """Share of the scored (candidate) channels that ``removed`` takes, each class weighted by the
+    channels it holds: the pool a global ``ratio`` is a share of."""
+    pool = classes.size[classes.candidate].sum()
+    return float(classes.size[classes.candidate & removed].sum() / pool) if pool else 0.0
+
+
+def _dry_measure(model, example_inputs, quantity, **prune_kwargs):
+    """A function of the ratio: what ``prune(model, example_inputs, ratio, dry_run=True, **prune_kwargs)``
+    would give, for quantity "flops_kept" (the share of FLOPs left) or "channels_removed" (its
+    ``channels_removed_share``). One trace and one scoring serve every ratio (only the threshold
     moves); round_to="auto" times widths per ratio, so there each call is a dry run of prune()."""
     unpruned = prune(model, example_inputs, ratio=0.0, dry_run=True, **prune_kwargs)  # checks every option
     if prune_kwargs.get("round_to") == "auto":
-        def kept(ratio):
+        def measure(ratio):
             rep = prune(model, example_inputs, ratio=ratio, dry_run=True, **prune_kwargs)
+            if quantity == "channels_removed":
+                return rep.channels_removed_share
             return rep.flops_after / max(rep.flops_before, 1)
-        return kept
+        return measure
     o = inspect.signature(prune).bind(model, example_inputs, **prune_kwargs)
     o.apply_defaults()
     o = o.arguments
@@ -779,12 +788,42 @@ def _kept_flops(model, example_inputs, **prune_kwargs):
                                        o["leaf_modules"], o["history"], o["seed"], o["compensate"],
                                        o["collapse_blocks"])
 
-    def kept(ratio):
+    def measure(ratio):
         removed, _, collapsed = decide(classes, ratio, o["scope"], o["round_to"], o["min_channels"],
                                        o["max_layer_ratio"], blocks)
+        if quantity == "channels_removed":
+            return _removed_share(classes, removed)
         plans = _plans(graph, ~removed[classes.of_atom])
         return _flops_after(graph, plans, collapsed, _in_collapsed(plans, collapsed)) / max(unpruned.flops_before, 1)
-    return kept
+    return measure
+
+
+def _check_search(fn, target, target_name, resolution, prune_kwargs):
+    if not (isinstance(target, (int, float)) and not isinstance(target, bool) and 0.0 < target <= 1.0):
+        raise ValueError(f"slimcore.{fn}: {target_name} must be in (0, 1], got {target!r}")
+    if not (isinstance(resolution, float) and 0.0 < resolution < 0.1):
+        raise ValueError(f"slimcore.{fn}: resolution must be a float in (0, 0.1), got {resolution!r}")
+    for key in ("ratio", "dry_run", "optimizer"):
+        if key in prune_kwargs:
+            raise ValueError(f"slimcore.{fn}: {key!r} is not a prune option here (it finds the ratio)")
+    prune_kwargs["check_latency"] = False  # dry runs: the whole-model check would only time copies
+
+
+def _smallest_ratio(reached, resolution):
+    """Bisection for the smallest ratio in [0, 1 - resolution] where ``reached(ratio)`` (monotone:
+    False, then True) holds, to ``resolution``; None when not even the largest reaches it."""
+    if reached(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0 - resolution
+    if not reached(hi):
+        return None
+    while hi - lo > resolution:  # invariant: not reached(lo), reached(hi)
+        mid = 0.5 * (lo + hi)
+        if reached(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **prune_kwargs):
@@ -800,30 +839,37 @@ def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **pr
     Raises ValueError when even the largest ratio (every layer at ``min_channels``, or whatever
     ``max_layer_ratio`` and ``ignore`` allow) keeps more than ``flops_fraction``.
     """
-    if not (isinstance(flops_fraction, (int, float)) and not isinstance(flops_fraction, bool)
-            and 0.0 < flops_fraction <= 1.0):
-        raise ValueError(f"slimcore.ratio_for_flops: flops_fraction must be in (0, 1], got {flops_fraction!r}")
-    if not (isinstance(resolution, float) and 0.0 < resolution < 0.1):
-        raise ValueError(f"slimcore.ratio_for_flops: resolution must be a float in (0, 0.1), got {resolution!r}")
-    for key in ("ratio", "dry_run", "optimizer"):
-        if key in prune_kwargs:
-            raise ValueError(f"slimcore.ratio_for_flops: {key!r} is not a prune option here (it finds the ratio)")
-    prune_kwargs["check_latency"] = False  # dry runs: the whole-model check would only time copies
-    kept = _kept_flops(model, example_inputs, **prune_kwargs)
-    if kept(0.0) <= flops_fraction:
-        return 0.0
-    lo, hi = 0.0, 1.0 - resolution
-    floor = kept(hi)
-    if floor > flops_fraction:
-        raise ValueError(f"slimcore.ratio_for_flops: no ratio keeps {flops_fraction:g} of the FLOPs; at ratio {hi:g} "
-                         f"{floor:.4f} remain (min_channels, max_layer_ratio, ignored and output layers set a floor)")
-    while hi - lo > resolution:  # invariant: kept(lo) > flops_fraction >= kept(hi)
-        mid = 0.5 * (lo + hi)
-        if kept(mid) <= flops_fraction:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    _check_search("ratio_for_flops", flops_fraction, "flops_fraction", resolution, prune_kwargs)
+    kept = _dry_measure(model, example_inputs, "flops_kept", **prune_kwargs)
+    ratio = _smallest_ratio(lambda r: kept(r) <= flops_fraction, resolution)
+    if ratio is None:
+        raise ValueError(f"slimcore.ratio_for_flops: no ratio keeps {flops_fraction:g} of the FLOPs; at ratio "
+                         f"{1 - resolution:g} {kept(1 - resolution):.4f} remain (min_channels, max_layer_ratio, "
+                         "ignored and output layers set a floor)")
+    return ratio
+
+
+def ratio_for_channels(model, example_inputs, share, resolution=1e-4, **prune_kwargs):
+    """The smallest prune ratio at which ``prune(model, example_inputs, ratio, **prune_kwargs)``
+    removes at least ``share`` of the scored channels (``PruneReport.channels_removed_share``),
+    found by bisection over dry runs; the model is not changed. Under a plain global threshold that
+    is ``share`` itself; with ``max_layer_ratio``, ``min_channels`` or ``round_to`` putting channels
+    back it is larger:
+
+        r = slimcore.ratio_for_channels(model, x, 0.7, max_layer_ratio=0.9)   # e.g. 0.74
+        slimcore.prune(model, x, ratio=r, max_layer_ratio=0.9)                 # >= 70% of the channels go
+
+    Raises ValueError when even the largest ratio removes less than ``share`` (a cap of
+    ``max_layer_ratio`` < ``share`` on every layer, for instance).
+    """
+    _check_search("ratio_for_channels", share, "share", resolution, prune_kwargs)
+    removed = _dry_measure(model, example_inputs, "channels_removed", **prune_kwargs)
+    ratio = _smallest_ratio(lambda r: removed(r) >= share, resolution)
+    if ratio is None:
+        raise ValueError(f"slimcore.ratio_for_channels: no ratio removes {share:g} of the channels; at ratio "
+                         f"{1 - resolution:g} {removed(1 - resolution):.4f} go (min_channels, max_layer_ratio, "
+                         "ignored and output layers keep the rest)")
+    return ratio
 
 
 def _whole_model_check(model, inputs, table, same, widened, deploy=None):

@@ -315,7 +315,7 @@ def test_prune_to_a_flops_budget_per_criterion_and_finetune_by_stage(tmp_path, c
     assert (tmp_path / "sweep" / "sweep_pareto.png").stat().st_size > 1000
     # errors name the problem
     assert cli.main(["prune", "--run", str(run), "--ratio", "0.5", "--flops", "0.5"]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert "give one of --ratio, --flops and --channels, not --ratio and --flops" in capsys.readouterr().err
     assert cli.main(["prune", "--run", str(run), "--flops", "0"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert cli.main(["prune", "--run", str(run), "--flops", "0.0001"]) == 2
@@ -324,6 +324,24 @@ def test_prune_to_a_flops_budget_per_criterion_and_finetune_by_stage(tmp_path, c
     assert "needs the filter history" in capsys.readouterr().err
     assert cli.main(["finetune", "--run", str(run), "--stage", "train"]) == 2
     assert "not a prune stage" in capsys.readouterr().err
+
+
+def test_prune_to_a_share_of_the_channels_under_a_layer_cap(tmp_path, capsys):
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "--out", run)
+    run_cli("prune", "--run", run, "--channels", "0.5", "--max-layer-ratio", "0.6")
+    rep = json.load(open(run / "prune-channels0.5" / "report.json"))
+    assert rep["channels_target"] == 0.5 and rep["max_layer_ratio"] == 0.6
+    assert rep["channels_removed_share"] >= 0.5 and rep["ratio"] > 0.5, "the cap puts channels back"
+    model, meta = load_model(run / "prune-channels0.5" / "model.pt")
+    bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    kept = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    assert 1 - kept / sum(rep["channels"][n][0] for n in bns) == pytest.approx(rep["channels_removed_share"])
+    assert "%" in capsys.readouterr().out  # the prune table's removed column
+    assert cli.main(["prune", "--run", str(run), "--channels", "0.7", "--max-layer-ratio", "0.5"]) == 2
+    assert "no ratio removes 0.7 of the channels" in capsys.readouterr().err
+    assert cli.main(["prune", "--run", str(run), "--channels", "0.5", "--flops", "0.5"]) == 2
+    assert "not --flops and --channels" in capsys.readouterr().err
 
 
 def test_scad_and_mcp_shape_form_from_the_cli(tmp_path, capsys):

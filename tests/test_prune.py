@@ -315,11 +315,12 @@ def test_ratio_for_flops_is_the_smallest_ratio_within_the_budget(criterion, scop
 @pytest.mark.parametrize("name,size,channels,options", [
     ("preresnet56", 32, 3, {"compensate": False}), ("densenet40", 32, 3, {"round_to": 8}), ("vgg11", 28, 1, {"max_layer_ratio": 0.8}),
     ("mobilenet_v2", 64, 3, {"scope": "layer", "criterion": "l1_filter", "min_channels": 4})])
-def test_ratio_for_flops_bisects_on_what_prune_would_do(name, size, channels, options):
-    """ratio_for_flops traces and scores once, then only moves the threshold: the FLOPs it sees at
-    each ratio are those of the model prune() rebuilds at that ratio (residual blocks, concat,
-    depthwise, round_to, layer caps and collapsed blocks included)."""
-    from slimcore.prune import _kept_flops
+def test_ratio_searches_bisect_on_what_prune_would_do(name, size, channels, options):
+    """ratio_for_flops and ratio_for_channels trace and score once, then only move the threshold:
+    the FLOPs (share of channels removed) they see at each ratio are those of the model prune()
+    rebuilds (reports) at that ratio (residual blocks, concat, depthwise, round_to, layer caps and
+    collapsed blocks included)."""
+    from slimcore.prune import _dry_measure
 
     model, x = build_torchvision(name) if name == "mobilenet_v2" else build_seed(name, size, channels)
     with torch.no_grad():  # spread gammas, some near zero, so residual blocks collapse at high ratios
@@ -329,7 +330,8 @@ def test_ratio_for_flops_bisects_on_what_prune_would_do(name, size, channels, op
         if name == "preresnet56":  # dead branches: these blocks collapse
             for block in list(model.layer1)[1::3] + list(model.layer2)[1::3]:
                 block.bn2.weight.zero_()
-    kept = _kept_flops(model, x, **options)
+    kept = _dry_measure(model, x, "flops_kept", **options)
+    removed = _dry_measure(model, x, "channels_removed", **options)
     dense_flops, _ = slimcore.profile(model, x)
     collapsed = 0
     for r in np.linspace(0.0, 0.95, 7):
@@ -338,8 +340,31 @@ def test_ratio_for_flops_bisects_on_what_prune_would_do(name, size, channels, op
         collapsed += len(rep.collapsed)
         flops, _ = slimcore.profile(pruned, x)  # counted on the rebuilt model: independent of prune's bookkeeping
         assert kept(float(r)) == flops / dense_flops, r
+        assert removed(float(r)) == rep.channels_removed_share, r
     if name == "preresnet56":
         assert collapsed > 0, "the check should cover collapsed blocks"
+
+
+@pytest.mark.parametrize("options", [{}, {"max_layer_ratio": 0.9}, {"round_to": 8, "max_layer_ratio": 0.8}])
+def test_ratio_for_channels_is_the_smallest_ratio_removing_the_share(options):
+    model, x = build_seed("vgg11", 32, 3)
+    resolution = 1e-4
+    ratio = slimcore.ratio_for_channels(model, x, 0.7, resolution=resolution, **options)
+    share = slimcore.prune(copy.deepcopy(model), x, ratio=ratio, dry_run=True, **options).channels_removed_share
+    less = slimcore.prune(copy.deepcopy(model), x, ratio=ratio - resolution, dry_run=True, **options)
+    assert share >= 0.7 > less.channels_removed_share
+    if not options:  # the plain threshold: the share itself, to one channel
+        total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        assert abs(ratio - 0.7) <= 1 / total + resolution
+    else:  # the cap puts channels back: a larger ratio is needed
+        assert ratio > 0.7 + resolution
+    assert slimcore.ratio_for_channels(model, x, 1e-6) <= 1e-3
+    with pytest.raises(ValueError, match="no ratio removes 0.7 of the channels"):
+        slimcore.ratio_for_channels(model, x, 0.7, max_layer_ratio=0.6)
+    with pytest.raises(ValueError, match="share must be in"):
+        slimcore.ratio_for_channels(model, x, 0.0)
+    with pytest.raises(ValueError, match="'dry_run' is not a prune option here"):
+        slimcore.ratio_for_channels(model, x, 0.5, dry_run=True)
 
 
 def test_ratio_for_flops_errors():
