@@ -127,10 +127,10 @@ def parser():
     p.add_argument("--channels", default=None,
                    help="instead of --ratio: remove at least this share of the scored channels (comma-separated: "
                         "several); with --max-layer-ratio, --min-channels or --round-to putting channels back the "
-                        "ratio that does is larger, found by dry runs. Stages: prune-channels<s>")
+                        "ratio that does is larger, found by dry runs. Stages: prune-<criterion>-channels<s>")
     p.add_argument("--name", default=None,
                    help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
-                        "prune-<criterion>-flops<f> or prune-channels<s>; one ratio only). `finetune --stage NAME` fine-tunes it")
+                        "prune-<criterion>-flops<f> or prune-<criterion>-channels<s>; one ratio only). `finetune --stage NAME` fine-tunes it")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("finetune", help="fine-tune a pruned model (no penalty)")
     p.add_argument("--run", required=True)
@@ -292,13 +292,13 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
     """Prunes source_dir/model.pt at one ratio (or, with ``flops``, at the ratio that keeps that
     fraction of the FLOPs; with ``channels``, at the ratio that removes that share of the scored
     channels) into out_dir (default run/prune-<ratio>, run/prune-<criterion>-flops<f> or
-    run/prune-channels<s>); returns its report. Under torchrun, rank 0 prunes and the others read
+    run/prune-<criterion>-channels<s>); returns its report. Under torchrun, rank 0 prunes and the others read
     its report."""
     rank, world = distributed()
     if flops is not None:
         default_name = f"prune-{criterion}-flops{flops:g}"
     elif channels is not None:
-        default_name = f"prune-channels{channels:g}"
+        default_name = f"prune-{criterion}-channels{channels:g}"
     else:
         default_name = f"prune-{_ratio_name(ratio)}"
     out_dir = out_dir or os.path.join(run, default_name)
@@ -330,7 +330,9 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
             ratio = ratio_for_channels(model, x, channels, **options)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    report = prune(model, x, ratio=ratio, **options)
+    # At a searched ratio the whole-model latency check (round_to="auto") stays off, as in the
+    # search: a uniform round_to it might choose would put channels back and miss the target.
+    report = prune(model, x, ratio=ratio, check_latency=flops is None and channels is None, **options)
     acc_after, _ = evaluate(model, test_loader, dev)
     os.makedirs(out_dir, exist_ok=True)
     save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})

@@ -62,8 +62,10 @@ class PruneReport:
     collapsed: list = field(default_factory=list)  # residual blocks replaced by x + constant
     widths: list = field(default_factory=list)  # round_to="auto": per layer asked/chosen width and timings (ms)
     latency_check: dict = None  # round_to="auto": whole-model ms per candidate ("auto", "1", "8", ...) and the chosen one
-    # Share of the scored channels (the pool ``ratio`` is a share of) actually removed: min_channels,
-    # max_layer_ratio and round_to put channels back, collapsed blocks take more.
+    # Share of the scored channels (the pool a global ``ratio`` is a share of: every output channel
+    # of a conv, linear or selection BN that has a score and is not frozen, channels tied together
+    # going together) actually removed: min_channels, max_layer_ratio and round_to put channels
+    # back, collapsed blocks and selection fixes take more.
     channels_removed_share: float = 0.0
 
     @property
@@ -809,14 +811,20 @@ def _check_search(fn, target, target_name, resolution, prune_kwargs):
     prune_kwargs["check_latency"] = False  # dry runs: the whole-model check would only time copies
 
 
-def _smallest_ratio(reached, resolution):
-    """Bisection for the smallest ratio in [0, 1 - resolution] where ``reached(ratio)`` (monotone:
-    False, then True) holds, to ``resolution``; None when not even the largest reaches it."""
+def _smallest_ratio(reached, resolution, grid=20):
+    """The smallest ratio in [0, 1 - resolution] where ``reached(ratio)`` holds, to ``resolution``,
+    by bisection; None when no ratio does. ``reached`` is False, then True, nearly everywhere, but
+    rounding and selection fixes can make it dip back near 1: when the largest ratio fails, a
+    coarse grid looks for an earlier one before giving up."""
     if reached(0.0):
         return 0.0
     lo, hi = 0.0, 1.0 - resolution
     if not reached(hi):
-        return None
+        points = np.linspace(0.0, hi, grid + 1)  # points[0] and points[-1] already failed
+        first = next((i for i in range(1, grid) if reached(float(points[i]))), None)
+        if first is None:
+            return None
+        lo, hi = float(points[first - 1]), float(points[first])
     while hi - lo > resolution:  # invariant: not reached(lo), reached(hi)
         mid = 0.5 * (lo + hi)
         if reached(mid):
@@ -838,6 +846,10 @@ def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **pr
 
     Raises ValueError when even the largest ratio (every layer at ``min_channels``, or whatever
     ``max_layer_ratio`` and ``ignore`` allow) keeps more than ``flops_fraction``.
+
+    The dry runs leave prune()'s whole-model latency check off: with round_to="auto", prune with
+    ``check_latency=False`` at the ratio found (the check may choose a uniform round_to that puts
+    channels back).
     """
     _check_search("ratio_for_flops", flops_fraction, "flops_fraction", resolution, prune_kwargs)
     kept = _dry_measure(model, example_inputs, "flops_kept", **prune_kwargs)
@@ -853,14 +865,15 @@ def ratio_for_channels(model, example_inputs, share, resolution=1e-4, **prune_kw
     """The smallest prune ratio at which ``prune(model, example_inputs, ratio, **prune_kwargs)``
     removes at least ``share`` of the scored channels (``PruneReport.channels_removed_share``),
     found by bisection over dry runs; the model is not changed. Under a plain global threshold that
-    is ``share`` itself; with ``max_layer_ratio``, ``min_channels`` or ``round_to`` putting channels
-    back it is larger:
+    is ``share`` itself (to one channel group); with ``max_layer_ratio``, ``min_channels`` or
+    ``round_to`` putting channels back it is larger:
 
         r = slimcore.ratio_for_channels(model, x, 0.7, max_layer_ratio=0.9)   # e.g. 0.74
         slimcore.prune(model, x, ratio=r, max_layer_ratio=0.9)                 # >= 70% of the channels go
 
     Raises ValueError when even the largest ratio removes less than ``share`` (a cap of
-    ``max_layer_ratio`` < ``share`` on every layer, for instance).
+    ``max_layer_ratio`` < ``share`` on every layer, for instance). As in ratio_for_flops, with
+    round_to="auto" prune with ``check_latency=False`` at the ratio found.
     """
     _check_search("ratio_for_channels", share, "share", resolution, prune_kwargs)
     removed = _dry_measure(model, example_inputs, "channels_removed", **prune_kwargs)

@@ -330,14 +330,19 @@ def test_prune_to_a_share_of_the_channels_under_a_layer_cap(tmp_path, capsys):
     run = tmp_path / "run"
     run_cli("train", *TINY, "--out", run)
     run_cli("prune", "--run", run, "--channels", "0.5", "--max-layer-ratio", "0.6")
-    rep = json.load(open(run / "prune-channels0.5" / "report.json"))
+    rep = json.load(open(run / "prune-bn_scale-channels0.5" / "report.json"))
     assert rep["channels_target"] == 0.5 and rep["max_layer_ratio"] == 0.6
     assert rep["channels_removed_share"] >= 0.5 and rep["ratio"] > 0.5, "the cap puts channels back"
-    model, meta = load_model(run / "prune-channels0.5" / "model.pt")
+    model, meta = load_model(run / "prune-bn_scale-channels0.5" / "model.pt")
     bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     kept = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     assert 1 - kept / sum(rep["channels"][n][0] for n in bns) == pytest.approx(rep["channels_removed_share"])
-    assert "%" in capsys.readouterr().out  # the prune table's removed column
+    assert f"{100 * rep['channels_removed_share']:.1f}%" in capsys.readouterr().out  # the prune table
+    # round_to=auto at a searched ratio: the whole-model check stays off, as in the search
+    run_cli("prune", "--run", run, "--channels", "0.5", "--round-to", "auto", "--latency-batch", "8",
+            "--name", "auto")
+    auto = json.load(open(run / "auto" / "report.json"))
+    assert auto["latency_check"] is None and auto["channels_removed_share"] >= 0.5
     assert cli.main(["prune", "--run", str(run), "--channels", "0.7", "--max-layer-ratio", "0.5"]) == 2
     assert "no ratio removes 0.7 of the channels" in capsys.readouterr().err
     assert cli.main(["prune", "--run", str(run), "--channels", "0.5", "--flops", "0.5"]) == 2

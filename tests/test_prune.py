@@ -345,6 +345,31 @@ def test_ratio_searches_bisect_on_what_prune_would_do(name, size, channels, opti
         assert collapsed > 0, "the check should cover collapsed blocks"
 
 
+@pytest.mark.parametrize("options", [{}, {"max_layer_ratio": 0.6}])
+def test_channels_removed_share_counts_a_residual_stream_once_per_conv(options):
+    # resnet18: every conv output is scored (the residual streams tie channels of several convs);
+    # the share is counted here from the rebuilt convs alone.
+    model, x = build_torchvision("resnet18")
+    dense = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    report = slimcore.prune(model, x, ratio=0.75, compensate=False, **options)
+    kept = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert report.channels_removed_share == pytest.approx(1 - kept / dense, abs=1e-12)
+    if options:  # the cap puts channels back
+        assert report.channels_removed_share <= 0.6
+    else:  # the threshold stops short of a stream's whole group at most
+        assert 0.74 < report.channels_removed_share <= 0.75
+
+
+def test_smallest_ratio_bisects_and_looks_past_a_dip_near_one():
+    from slimcore.prune import _smallest_ratio
+
+    assert _smallest_ratio(lambda r: r >= 0.3, 1e-4) == pytest.approx(0.3, abs=1e-4)
+    assert _smallest_ratio(lambda r: True, 1e-4) == 0.0
+    dip = _smallest_ratio(lambda r: 0.3 <= r < 0.97, 1e-4)  # the largest ratio fails
+    assert 0.3 <= dip <= 0.3 + 1e-4
+    assert _smallest_ratio(lambda r: False, 1e-4) is None
+
+
 @pytest.mark.parametrize("options", [{}, {"max_layer_ratio": 0.9}, {"round_to": 8, "max_layer_ratio": 0.8}])
 def test_ratio_for_channels_is_the_smallest_ratio_removing_the_share(options):
     model, x = build_seed("vgg11", 32, 3)
