@@ -808,7 +808,6 @@ def _check_search(fn, target, target_name, resolution, prune_kwargs):
     for key in ("ratio", "dry_run", "optimizer"):
         if key in prune_kwargs:
             raise ValueError(f"slimcore.{fn}: {key!r} is not a prune option here (it finds the ratio)")
-    prune_kwargs["check_latency"] = False  # dry runs: the whole-model check would only time copies
 
 
 def _smallest_ratio(reached, resolution, grid=20):
