@@ -1,12 +1,15 @@
 """Pruning wall time and pruned size: slimcore.prune vs Torch-Pruning, in one run.
 
-For each torchvision model (random BN gammas, so |gamma| ranks channels), both libraries prune
-50% of channels with a global BN-scale criterion, each on a fresh copy:
+For each model (torchvision; ``timm:NAME`` and ``yolo:NAME`` built from their configs; random BN
+gammas, so |gamma| ranks channels), both libraries prune 50% of channels with a global BN-scale
+criterion, each on a fresh copy, each library in a fresh process per model:
 
   slimcore        slimcore.prune(model, x, ratio)          (tracing, scoring, rebuilding)
   Torch-Pruning   BNScalePruner(model, x, BNScaleImportance(), global_pruning=True, ...).step()
 
-Times are the median of --repeats runs (each on a fresh copy; model construction is not timed).
+"first" is the first call in that fresh process (one-time costs included), "warm" the median of
+the --repeats calls after it (each on a fresh copy; model construction is not timed). A library
+that raises, or takes longer than --timeout, gets its error in the table.
 The two libraries rank coupled channels differently (slimcore: max |gamma| of the group;
 Torch-Pruning: mean, normalised), so their pruned sizes differ. To check the rebuilt models
 themselves, slimcore's own choice of channels is then handed to Torch-Pruning's dependency graph
@@ -15,13 +18,14 @@ selection BNs (DenseNet) have no Torch-Pruning equivalent for that check.
 
 Target: slimcore takes <= 1/3 of Torch-Pruning's time on every model.
 
-    python benchmarks/prune.py [--models resnet18,vgg16_bn] [--size 224] [--repeats 3]
+    python benchmarks/prune.py [--models resnet18,timm:cspdarknet53,yolo:yolov8n] [--size 224] [--repeats 3]
 """
 
 import argparse
-import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -36,12 +40,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS, device_name, environment, write_json  # noqa: E402
 
 MODELS = ["resnet18", "resnet50", "vgg16_bn", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
-          "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d"]
+          "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d",
+          "timm:resnet50d", "timm:efficientnet_b0", "timm:regnety_008", "timm:cspdarknet53", "timm:ghostnet_100",
+          "timm:dpn68", "timm:mobilenetv3_large_100", "yolo:yolov8n", "yolo:yolo11n", "yolo:yolov8n-seg"]
+
+
+def _construct(name):
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:], pretrained=False)
+    if name.startswith("yolo:"):
+        from ultralytics.nn import tasks
+
+        kind = name[5:].split("-")[1] if "-" in name else "det"
+        cls = {"det": tasks.DetectionModel, "seg": tasks.SegmentationModel, "pose": tasks.PoseModel,
+               "cls": tasks.ClassificationModel}[kind]
+        return cls(f"{name[5:]}.yaml", verbose=False)
+    return getattr(torchvision.models, name)()
 
 
 def build(name, seed=0):
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)().eval()
+    model = _construct(name).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -50,8 +71,11 @@ def build(name, seed=0):
     return model
 
 
-def classifier_of(model):
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+def output_layers(model):
+    """What Torch-Pruning must leave alone: the classifier, or a YOLO's Detect/Segment/Pose head."""
+    if type(model).__module__.startswith("ultralytics"):
+        return [model.model[-1]]
+    return [[m for m in model.modules() if isinstance(m, nn.Linear)][-1]]
 
 
 def prune_slimcore(model, x, ratio):
@@ -62,7 +86,7 @@ def prune_torch_pruning(model, x, ratio):
     import torch_pruning as tp
 
     pruner = tp.pruner.BNScalePruner(model, x, importance=tp.importance.BNScaleImportance(), pruning_ratio=ratio,
-                                     global_pruning=True, ignored_layers=[classifier_of(model)])
+                                     global_pruning=True, ignored_layers=output_layers(model))
     pruner.step()
 
 
@@ -86,14 +110,42 @@ def torch_pruning_same_channels(model, x, removed):
         group.prune()
 
 
-def timed(fn, model_name, x, ratio, repeats):
-    times = []
-    for _ in range(repeats):
-        model = build(model_name)
+class _Timeout(Exception):
+    pass
+
+
+def child(lib, name, size, ratio, repeats, threads):
+    """One library on one model in this (fresh) process: first call, then warm repeats."""
+    import signal
+
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    x = torch.randn(1, 3, size, size)
+    fn = prune_slimcore if lib == "slimcore" else prune_torch_pruning
+    times, model = [], None
+    for _ in range(1 + repeats):
+        model = build(name)
         t0 = time.perf_counter()
         fn(model, x, ratio)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), model
+    flops, params = slimcore.profile(model, x)
+    return dict(first=times[0], warm=statistics.median(times[1:]), params=params, flops=flops)
+
+
+def run_child(lib, name, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--models", name, "--size", str(args.size),
+           "--ratio", str(args.ratio), "--repeats", str(args.repeats)] + (
+        ["--threads", str(args.threads)] if args.threads else [])
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"did not finish in {args.timeout:.0f} s")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode or not lines:
+        err = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+        return dict(error=err[-1][:160] if err else f"exit code {done.returncode}")
+    return json.loads(lines[-1])
 
 
 def main(argv=None):
@@ -103,8 +155,13 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224, help="input resolution of the example input")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per library and model")
     parser.add_argument("--out", default=os.path.join(RESULTS, "prune-cpu.json"))
+    parser.add_argument("--child", choices=["slimcore", "torch-pruning"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.models, args.size, args.ratio, args.repeats, args.threads)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -116,24 +173,21 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     x = torch.randn(1, 3, args.size, args.size)
     print(f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"input {tuple(x.shape)}, ratio {args.ratio}")
-    print(f"{'model':<20} {'slimcore s':>10} {'TP s':>8} {'TP/slim':>7}   {'params dense':>12} {'slim':>11} {'TP':>11}"
-          f"   {'MFLOPs dense':>12} {'slim':>8} {'TP':>8}   same channels")
+          f"input {tuple(x.shape)}, ratio {args.ratio}; seconds: first call in a fresh process / warm median")
+    print(f"{'model':<24} {'slimcore s':>13} {'TP s':>13} {'TP/slim warm':>12}   {'params dense':>12} {'slim':>11} "
+          f"{'TP':>11}   {'MFLOPs dense':>12} {'slim':>7} {'TP':>7}   same channels")
     records = []
     for name in args.models.split(","):
         dense_flops, dense_params = slimcore.profile(build(name), x)
-        t_slim, slim_model = timed(prune_slimcore, name, x, args.ratio, args.repeats)
-        slim_flops, slim_params = slimcore.profile(slim_model, x)
+        slim = run_child("slimcore", name, args)
+        tp = run_child("torch-pruning", name, args) if have_tp else dict(error="not installed")
         rec = dict(model=name, ratio=args.ratio, input=list(x.shape), params_dense=dense_params,
-                   flops_dense=dense_flops, slimcore_seconds=t_slim, params_slimcore=slim_params,
-                   flops_slimcore=slim_flops)
-        if have_tp:
-            t_tp, tp_model = timed(prune_torch_pruning, name, x, args.ratio, args.repeats)
-            tp_flops, tp_params = slimcore.profile(tp_model, x)
-            rec.update(torch_pruning_seconds=t_tp, params_torch_pruning=tp_params, flops_torch_pruning=tp_flops,
-                       time_ratio=t_tp / t_slim)
+                   flops_dense=dense_flops, slimcore=slim, torch_pruning=tp)
+        same = "-"
+        if have_tp and ":" not in name and "error" not in slim:
             report = slimcore.prune(build(name), x, ratio=args.ratio, dry_run=True)
-            if any(type(m) in slimcore.nn.PLAIN_BATCHNORM for m in slim_model.modules()):
+            if any(type(m) in slimcore.nn.PLAIN_BATCHNORM for m in build(name).modules()) or \
+                    "densenet" in name:
                 same = "n/a (selection BNs)"
             else:
                 same_model = build(name)
@@ -141,12 +195,24 @@ def main(argv=None):
                 same_flops, same_params = slimcore.profile(same_model, x)
                 same_ok = (same_flops, same_params) == (report.flops_after, report.params_after)
                 same = "identical" if same_ok else f"DIFFER: TP {same_params:,}/{same_flops:,}"
-                rec.update(same_channels_identical=same_ok, same_channels_params_torch_pruning=same_params,
-                           same_channels_flops_torch_pruning=same_flops)
-        else:
-            t_tp, tp_params, tp_flops, same = float("nan"), 0, 0, "-"
-        print(f"{name:<20} {t_slim:>10.3f} {t_tp:>8.3f} {t_tp / t_slim:>6.1f}x   {dense_params:>12,} {slim_params:>11,} "
-              f"{tp_params:>11,}   {dense_flops / 1e6:>12.0f} {slim_flops / 1e6:>8.0f} {tp_flops / 1e6:>8.0f}   {same}")
+                rec.update(same_channels_identical=same_ok)
+        if "error" not in slim and "error" not in tp:
+            rec["time_ratio_warm"] = tp["warm"] / slim["warm"]
+            rec["time_ratio_first"] = tp["first"] / slim["first"]
+
+        def cell(r, key, fmt):
+            return format(r[key], fmt) if key in r else "-"
+
+        def secs(r):
+            return f"{r['first']:.3f}/{r['warm']:.3f}" if "error" not in r else "error"
+
+        ratio = f"{rec['time_ratio_warm']:.1f}x" if "time_ratio_warm" in rec else "-"
+        print(f"{name:<24} {secs(slim):>13} {secs(tp):>13} {ratio:>12}   {dense_params:>12,} "
+              f"{cell(slim, 'params', ','):>11} {cell(tp, 'params', ','):>11}   {dense_flops / 1e6:>12.0f} "
+              f"{slim.get('flops', 0) / 1e6:>7.0f} {tp.get('flops', 0) / 1e6:>7.0f}   {same}")
+        for lib, r in (("slimcore", slim), ("Torch-Pruning", tp)):
+            if "error" in r:
+                print(f"    {lib}: {r['error']}")
         records.append(rec)
     write_json(args.out, dict(benchmark="prune", **environment(torch.device("cpu")), records=records))
     print(f"wrote {args.out}")

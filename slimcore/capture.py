@@ -134,6 +134,8 @@ class Capture:
 
 
 def _storage_key(t):
+    if t.device.type == "meta":
+        return None  # no memory: nothing can alias
     try:
         return (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
     except (RuntimeError, NotImplementedError):
@@ -169,9 +171,10 @@ class _Recorder(TorchDispatchMode):
         self.leaf_depth = None  # stack depth of the leaf module being run (its ops are not recorded)
         self.pycall = None
         self.meta_cache = {}
+        self.current = None  # (module stack, op) of the op running, for a failure's report
 
     # -- values ----------------------------------------------------------------------------------
-    def new_value(self, t, node_index, garbage=False):
+    def new_value(self, t, node_index, garbage=False, register=True):
         v = len(self.c.shapes)
         self.c.shapes.append(tuple(t.shape))
         self.c.dtypes.append(t.dtype)
@@ -183,9 +186,12 @@ class _Recorder(TorchDispatchMode):
             self.by_id[id(t)] = v
         else:
             t.__dict__["_slimcore_value"] = (self.token, v)
-        key = _storage_key(t)
+        key = _storage_key(t) if register else None
         if key is not None:
-            self.by_storage.setdefault(key, []).append(weakref.ref(t))
+            live = [r for r in self.by_storage.get(key, ()) if r() is not None]  # memory of freed tensors is reused
+            if not any(r() is t for r in live):
+                live.append(weakref.ref(t))
+            self.by_storage[key] = live
         return v
 
     def value_of(self, t):
@@ -233,7 +239,9 @@ class _Recorder(TorchDispatchMode):
         reads_garbage = any(self.value_of(t) in self.c.garbage for t in inputs) if self.c.garbage else False
         if reads_garbage and func in _READS_VALUES:
             raise _NeedsValues(str(func))
-        if self.shape_only and recording and func in _SHAPE_ONLY:
+        if recording:
+            self.current = (tuple(self.stack), func.overloadpacket.__name__)
+        if self.shape_only and func in _SHAPE_ONLY:
             meta_out = func(*[self.meta_of(a) for a in args], **{k: self.meta_of(a) for k, a in kwargs.items()})
             out = torch.empty_strided(meta_out.shape, meta_out.stride(), dtype=meta_out.dtype,
                                       device=inputs[0].device).zero_()
@@ -243,6 +251,7 @@ class _Recorder(TorchDispatchMode):
             garbage = reads_garbage
         if not recording:
             return out
+        self.current = None
         written = _written_args(func, args, kwargs)
         node = self.add_node(func.overloadpacket.__name__, func, self.to_refs(args),
                              {k: self.to_refs(a) for k, a in kwargs.items()}, pycall=self.pycall)
@@ -269,13 +278,18 @@ class _Recorder(TorchDispatchMode):
     def alias_writes(self, t, node):
         """t was written in place: every other live tensor sharing its memory changed too."""
         key = _storage_key(t)
-        for ref in self.by_storage.get(key, ()):
+        refs = self.by_storage.get(key)
+        if not refs:
+            return
+        live = [r for r in refs if r() is not None]  # freed tensors' memory is reused by new ones
+        self.by_storage[key] = live
+        for ref in live:
             other = ref()
-            old = None if other is None or other is t else self.value_of(other)
+            old = None if other is t else self.value_of(other)
             if old is None:
                 continue
             alias = self.add_node("alias_write", None, (Ref(old),), {})
-            alias.outputs = (self.new_value(other, alias.index, old in self.c.garbage),)
+            alias.outputs = (self.new_value(other, alias.index, old in self.c.garbage, register=False),)
 
     # -- modules ---------------------------------------------------------------------------------
     def pre_hook(self, module, args):
@@ -427,9 +441,11 @@ def _run(model, inputs, leaf_types, leaf_ids, shape_only):
         raise
     except Exception as exc:
         where = _user_frame(exc)
-        raise TraceFailure(
+        failure = TraceFailure(
             f"slimcore could not capture {type(model).__name__}: running it on example_inputs raised "
-            f"{type(exc).__name__}: {exc}" + (f"\n  at {where}" if where else "")) from exc
+            f"{type(exc).__name__}: {exc}" + (f"\n  at {where}" if where else ""))
+        failure.partial, failure.failed_key = c, rec.current  # what ran before it failed, and where
+        raise failure from exc
     finally:
         pre.remove()
         post.remove()

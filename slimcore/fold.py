@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .graph import analyze
+from .nn import SELECTED_BATCHNORM
 from .prune import parent_module
 
 
@@ -27,7 +28,10 @@ def fold_bn(model, example_inputs):
         producer = graph.modules.get(mc.producer) if mc.kind == "bn" else None
         bn = mc.module
         # A module called more than once may meet other BNs elsewhere: leave it alone.
-        if producer is None or producer.calls > 1 or mc.calls > 1 or bn.running_mean is None:
+        if producer is None or producer.calls > 1 or mc.calls > 1 or getattr(bn, "running_mean", None) is None:
+            continue
+        # Only BNs whose forward is the batch norm alone (timm's BatchNormAct2d also activates).
+        if type(bn) not in SELECTED_BATCHNORM:
             continue
         conv = producer.module
         scale = bn.running_var.add(bn.eps).rsqrt()

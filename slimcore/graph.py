@@ -1,7 +1,10 @@
 """Channel dependency analysis: which channels of which modules must be removed together.
 
-The model is traced with ``torch.fx`` and run once on the example inputs (for shapes). Every
-channel of every traced tensor is described by an *atom*:
+The model is captured once at the ATen level (capture.py: any model that runs can be captured),
+and one set of channel rules, written against the canonical ATen ops, walks the recorded ops.
+``nn.BatchNorm2d``, ``F.batch_norm``, timm's ``BatchNormAct2d`` and a user's own BN wrapper all
+arrive as the same batch-norm op; ``chunk``, ``split``, ``narrow`` and ``x[:, a:b]`` as ``split`` /
+``slice``. Every channel of every recorded tensor is described by an *atom*:
 
 * a conv / linear output channel is a fresh atom owned by that module (prunable);
 * a BatchNorm whose input comes straight from a conv/linear that nothing else reads is *coupled*:
@@ -9,100 +12,84 @@ channel of every traced tensor is described by an *atom*:
   residual stream, DenseNet's BN on a concatenation) is a *selection* BN: its output channels are
   fresh atoms that may be dropped on their own (the pruned BN then gathers its input channels, the
   reference repo's ``channel_selection``), and must be dropped when their input channel is;
-* network inputs, parameters used as tensors and outputs of unknown ops are frozen atoms.
+* network inputs and outputs of ops without a channel rule are frozen atoms.
 
-Ops that make channels inseparable merge atoms into one *class* (union-find): residual adds and
-other element-wise ops between channel tensors, grouped convolutions (channel j of every group),
-depthwise convolutions (output c is input c). ``torch.cat`` along channels concatenates atom
-arrays; flatten/view repeats each channel's atom over its spatial block, so a Linear after it
-loses that block of input features. Pooling, dropout and zero-preserving activations pass atoms
-through.
+Ops that make channels inseparable merge atoms into one *class* (union-find): element-wise ops
+between channel tensors (residual adds, squeeze-and-excitation products), grouped convolutions
+(channel j of every group), depthwise convolutions (output c is input c), equal pieces of a
+``chunk`` (channel j of each piece, so the code's split stays valid). ``cat`` along channels
+concatenates atom arrays, ``split``/``slice`` cut them; flatten/view repeats each channel's atom
+over its spatial block, so a Linear after it loses that block of input features. Pooling,
+padding, upsampling and zero-preserving activations pass atoms through.
 
 Removing a class means: in the dense model, zero the class's channels at the output of every
 conv, linear and BN that produces them. The pruned model must equal that masked dense model, so a
 channel may only disappear from a tensor if its value there is exactly zero: it is *tainted* when
-it passed an op with f(0) != 0 (sigmoid, adding a constant, ...), unless a later multiplication by
-an untainted zero clears it (squeeze-and-excitation). A tainted channel that reaches a conv,
-linear, BN or the output freezes its class. Classes that reach the model output, an ignored
-module, or an op whose channel semantics are unknown (split, permute, matmul, hard-coded reshape
-sizes, ...) are frozen too, and every such decision is recorded in ``ChannelGraph.notes``.
+it passed an op with f(0) != 0 (sigmoid, adding a constant, ...; decided by evaluating the op on
+zero), unless a later multiplication by an untainted zero clears it. A tainted channel that reaches
+a conv, linear, BN or the output freezes its class. Every freeze is recorded, grouped by cause, in
+``ChannelGraph.notes``.
+
+Sizes written into a model's code (``x.split(self.c, 1)``, ``x[:, :64]``, ``view(n, 256, -1)``) are
+checked after the decision by running a pruned copy of the model on the meta device
+(:func:`verify`): module attributes holding an old size are updated where that makes the copy run
+as planned; otherwise the channels that node reads are frozen and the decision is made again.
 """
 
+import copy
 import math
-import operator
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-from ._shapes import infer_shapes
-from .nn import LEAF_MODULES, PLAIN_BATCHNORM, SELECTED_BATCHNORM, ResidualConstant
+from .capture import Ref, TraceFailure, capture
+from .nn import PLAIN_BATCHNORM, PLAIN_CONV, SELECTED_BATCHNORM, ResidualConstant
 from .profile import layer_macs
+
+__all__ = ["TraceFailure", "ChannelGraph", "ModuleChannels", "ResidualBlock", "analyze", "verify"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 # Selection (dropping a BN's output channels while its input stays) needs a SelectedBatchNorm class.
 _SELECTABLE_BATCHNORMS = (*SELECTED_BATCHNORM, *PLAIN_BATCHNORM)  # incl. SlimBatchNorm1d/2d
 
-# Element-wise modules with f(0) = 0: any layout, channels pass through.
-_ZERO_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish,
-    nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
-)
-# Per-channel spatial modules that map an all-zero channel to zeros (channels in dim 1).
-_SPATIAL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,  # only when affine=False (checked below)
-)
-# Channel-wise but f(0) != 0: the channel is still there, just not zero.
-_TAINTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
-
-_ZERO_PRESERVING_FUNCTIONS = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.hardswish, F.mish,
-    F.hardtanh, F.tanhshrink, F.softsign, F.softshrink, F.hardshrink, torch.relu, torch.relu_, torch.tanh,
-    torch.abs, torch.neg, operator.neg, torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.alpha_dropout, F.feature_alpha_dropout,
-    "relu", "relu_", "tanh", "abs", "neg", "clone", "contiguous", "float", "half", "double", "bfloat16",
-    "to", "type_as", "detach",
+# ATen batch-norm ops: (input, weight, bias, running_mean, running_var, ...) -> (out, ...).
+_BN_OPS = {"_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
+           "_batch_norm_with_update", "_batch_norm_no_update", "cudnn_batch_norm", "miopen_batch_norm",
+           "slimcore::batch_norm"}
+_SAME = {"clone", "_to_copy", "detach", "alias", "lift_fresh", "lift_fresh_copy", "contiguous", "_conj",
+         "resolve_conj", "resolve_neg", "dropout", "feature_dropout"}
+_VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "expand"}
+# Per-channel spatial ops (channels in dim 1): an all-zero channel stays all zero.
+_SPATIAL = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d",
+    "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d",
+    "upsample_bicubic2d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "reflection_pad1d",
+    "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d",
 }
-_SPATIAL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
-}
-_TAINTING_FUNCTIONS = {
-    torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos,
-    "sigmoid", "sigmoid_", "exp", "exp_",
-}
-_ADD_LIKE = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
-_MUL_LIKE = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_DIV_LIKE = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_"}
-_FLATTEN = {torch.flatten, "flatten"}
-_RESHAPE = {"view", "reshape", torch.reshape}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_REDUCTIONS = {torch.mean, "mean", torch.sum, "sum", torch.amax, "amax"}
-_SHAPE_QUERIES = {"size", "dim", "numel", getattr, operator.getitem}
-
-
-_SHAPE_KEY = "slimcore_shape"
-
-
-class TraceFailure(RuntimeError):
-    """The model could not be traced with torch.fx."""
+# Reductions over listed dims: a zero channel reduces to zero.
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "nansum",
+               "logsumexp", "norm", "linalg_vector_norm"}
+_TAINTING_REDUCTIONS = {"logsumexp"}
+_FACTORIES = {"new_full", "new_zeros", "new_ones", "new_empty", "new_empty_strided", "scalar_tensor"}
+# Element-wise ops ATen does not tag pointwise.
+_ACTIVATIONS = {"hardswish", "hardsigmoid", "hardtanh", "silu", "mish", "gelu", "elu", "celu", "selu", "leaky_relu",
+                "relu", "relu6", "softplus", "softshrink", "hardshrink", "threshold", "sigmoid", "tanh", "_prelu_kernel",
+                "log_sigmoid_forward", "logit"}
+_LIKE = {"zeros_like": False, "ones_like": True, "empty_like": True, "full_like": None, "rand_like": True,
+         "randn_like": True, "randint_like": True}
 
 
 @dataclass
 class ChannelInfo:
-    """The channel dimension of one traced tensor: an atom and a taint flag per channel."""
+    """The channel dimension of one recorded tensor: an atom and a taint flag per channel."""
 
     atoms: np.ndarray  # int64
     taint: np.ndarray  # bool
@@ -116,11 +103,14 @@ class ModuleChannels:
     name: str
     module: nn.Module
     kind: str  # conv | grouped_conv | depthwise_conv | linear | bn | selection_bn | prelu | residual_constant
+    #            | channel_param (one parameter used along a channel dim, e.g. a layer scale)
     in_atoms: np.ndarray
     out_atoms: np.ndarray
     source_atoms: np.ndarray = None  # BN: the input atom each output channel normalises
     producer: str = None  # coupled BN: the conv/linear whose output (read by nothing else) it normalises
-    calls: int = 1  # how many times the traced forward calls the module
+    calls: int = 1  # how many times the recorded forward calls the module
+    attrs: tuple = ()  # bn: the parameters/buffers the BN op reads; channel_param: (attribute,)
+    dim: int = 0  # channel_param: the parameter's dimension holding the channels
 
 
 @dataclass
@@ -130,10 +120,15 @@ class ChannelGraph:
     modules: dict = field(default_factory=dict)  # name -> ModuleChannels, in execution order
     owner_names: list = field(default_factory=list)  # owner id -> module name
     selection_parent: dict = field(default_factory=dict)  # selection-BN atom -> its input atom
-    notes: list = field(default_factory=list)  # why channels were frozen
+    causes: dict = field(default_factory=dict)  # why channels were frozen: cause -> [channels, places]
     macs: dict = field(default_factory=dict)  # conv/linear module name -> MACs per sample (profile.py rules)
     in_shapes: dict = field(default_factory=dict)  # conv/linear module name -> its input's shape (first call)
     residual_blocks: list = field(default_factory=list)  # ResidualBlock: submodules computing x + branch(x)
+    capture: object = None  # the slimcore.capture.Capture analysed
+    info: dict = field(default_factory=dict)  # value id -> ChannelInfo
+    checks: list = field(default_factory=list)  # node indices whose sizes may be written in the code
+    reads: dict = field(default_factory=dict)  # conv/linear name -> value ids of its input, per call
+    node_module: dict = field(default_factory=dict)  # node index -> (module name, "producer" | "bn" | "constant")
     _owner: list = field(default_factory=list)  # per new_atoms call: (owner id, count)
     _owner_ids: dict = field(default_factory=dict)  # module name -> owner id
     _frozen: list = field(default_factory=list)  # arrays of frozen atoms
@@ -157,10 +152,23 @@ class ChannelGraph:
         """Atoms a[i] and b[i] must go together, for every i."""
         self._edges.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
 
-    def freeze(self, atoms, reason):
+    def freeze(self, atoms, cause, where=None):
         if len(atoms):
             self._frozen.append(np.asarray(atoms, dtype=np.int64))
-            self.notes.append(f"{reason} ({len(atoms)} channels frozen)")
+            entry = self.causes.setdefault(cause, [0, []])
+            entry[0] += len(atoms)
+            if where and where not in entry[1]:
+                entry[1].append(where)
+
+    @property
+    def notes(self):
+        """One line per cause of frozen channels, with a few of the places it happened."""
+        out = []
+        for cause, (n, places) in self.causes.items():
+            at = f" at {len(places)} places (e.g. {', '.join(places[:3])})" if len(places) > 1 else (
+                f" at {places[0]}" if places else "")
+            out.append(f"{cause}{at}: {n} channels frozen")
+        return out
 
     @property
     def owner(self):
@@ -212,457 +220,1057 @@ class ResidualBlock:
     stream_atoms: np.ndarray  # channels of the block's input and output
     last: str  # the module (conv, linear or its BN) producing the branch's output
     last_exact: bool  # that conv's response to constant inputs is a per-channel constant (no zero padding)
-
-
-class _Tracer(torch.fx.Tracer):
-    """Keeps user-declared leaf modules opaque and remembers which module was being traced."""
-
-    def __init__(self, leaf_modules=()):
-        super().__init__()
-        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-        self.leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
-        self.stack = []
-        self.failed_in = None  # innermost submodule being traced when tracing failed
-
-    def is_leaf_module(self, m, qualname):
-        if type(m) in LEAF_MODULES or isinstance(m, self.leaf_types) or id(m) in self.leaf_ids:
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.stack[-1]
-            raise
-        finally:
-            self.stack.pop()
-
-
-def trace(model, example_inputs, leaf_modules=()):
-    """(root module, fx Graph with each tensor's shape in node.meta). Raises TraceFailure naming
-    the module that could not be traced."""
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many types; all mean the same thing to the user
-        where = f" while tracing submodule '{tracer.failed_in}'" if tracer.failed_in else ""
-        raise TraceFailure(
-            f"slimcore could not trace {type(model).__name__} with torch.fx{where}: {type(exc).__name__}: {exc}\n"
-            "Pass that submodule (or its class) in leaf_modules=[...] to treat it as an opaque leaf: its input "
-            "and output channels are then left unpruned."
-        ) from exc
-    if infer_shapes(tracer.root, graph, example_inputs, _SHAPE_KEY):
-        return tracer.root, graph
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _ShapeRecorder(tracer.root, graph).run(*example_inputs)
-    except Exception as exc:
-        raise TraceFailure(
-            f"slimcore traced {type(model).__name__} but running the traced graph on example_inputs failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        model.train(was_training)
-    return tracer.root, graph
-
-
-class _ShapeRecorder(torch.fx.Interpreter):
-    """Runs the traced graph once and keeps only each tensor's shape (ShapeProp's full metadata
-    costs more than the forward on small models). Interprets the Graph directly: no GraphModule
-    code generation."""
-
-    def __init__(self, root, graph):
-        super().__init__(root, graph=graph)
-
-    def run_node(self, node):
-        result = super().run_node(node)
-        if isinstance(result, torch.Tensor) and node.op != "output":
-            node.meta[_SHAPE_KEY] = tuple(result.shape)
-        return result
-
-
-def _meta_shape(node):
-    return node.meta.get(_SHAPE_KEY) if isinstance(node, torch.fx.Node) else None
+    branch: int = None  # value id of the branch's output (what the block adds to its input)
 
 
 def _norm_dim(dim, ndim):
     return dim + ndim if dim < 0 else dim
 
 
-class _Analysis:
-    def __init__(self, root, graph, ignore_names):
-        self.fx_graph = graph
-        self.modules = dict(root.named_modules())
-        self.graph = ChannelGraph()
-        self.info = {}  # node -> ChannelInfo
-        self.ignore = ignore_names
-        self.module_out = {}  # module name -> out atoms (a module called twice keeps its atoms)
-        placeholders = [_meta_shape(n) for n in graph.nodes if n.op == "placeholder"]
-        self.batch = placeholders[0][0] if placeholders and placeholders[0] else 1
+def _op_name(node):
+    func = node.func
+    if func is None:
+        return node.op
+    ns = func.namespace
+    return node.op if ns == "aten" else f"{ns}::{node.op}"
 
-    # -- helpers ------------------------------------------------------------------------------------
-    def fresh(self, node, owner=None, frozen=True, dim=1):
-        shape = _meta_shape(node)
-        if shape is None or len(shape) < 2:
+
+def _view_map(in_shape, out_shape, d):
+    """Where dimension d of in_shape lands in a view to out_shape: (dim, block) when the channels
+    stay whole and outermost in one output dimension (block: elements per channel merged into
+    it, flatten); None when they are split or merged behind another dimension."""
+    pre = math.prod(in_shape[:d])
+    acc, j = 1, 0
+    while j < len(out_shape) and acc < pre:
+        acc *= out_shape[j]
+        j += 1
+    if acc != pre:
+        return None
+    c = in_shape[d]
+    while j < len(out_shape) and out_shape[j] == 1 and c != 1:
+        j += 1
+    if j >= len(out_shape) or out_shape[j] % c:
+        return None
+    block = out_shape[j] // c
+    acc, k = 1, d + 1
+    while acc < block and k < len(in_shape):
+        acc *= in_shape[k]
+        k += 1
+    return (j, block) if acc == block else None
+
+
+class _Rules:
+    """Walks a Capture and builds its ChannelGraph."""
+
+    def __init__(self, model, cap, ignore):
+        self.c = cap
+        self.modules = dict(model.named_modules())
+        self.g = ChannelGraph(capture=cap)
+        self.info = self.g.info
+        self.ignore = ignore
+        self.module_out = {}  # module name -> out atoms (a module called twice keeps its atoms)
+        self.conv_out = {}  # value id -> conv/linear module name that produced it
+        self.selected = {}  # value id -> (input value id, module name): a selection BN's index_select
+        self.batch = cap.shapes[cap.inputs[0]][0] if cap.inputs and cap.shapes[cap.inputs[0]] else 1
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def shape(self, v):
+        return self.c.shapes[v]
+
+    def fresh(self, v, frozen=True, dim=1):
+        shape = self.shape(v)
+        if len(shape) < 2:
             return None
-        dim = _norm_dim(dim, len(shape))
-        atoms = self.graph.new_atoms(shape[dim], owner, frozen=frozen)
+        atoms = self.g.new_atoms(shape[dim], None, frozen=frozen)
         return ChannelInfo(atoms, np.zeros(len(atoms), dtype=bool), dim)
 
-    def tensor_inputs(self, node):
-        return [a for a in node.all_input_nodes if a in self.info]
+    def where(self, node):
+        return f"'{node.stack[-1]}'" if node.stack else "the model's forward"
 
-    def opaque(self, node, why):
-        """Unknown channel semantics: every channel it reads is frozen; its output is a new frozen space."""
-        for src in self.tensor_inputs(node):
-            self.graph.freeze(self.info[src].atoms, f"{why}: '{node.name}' reads them")
-        return self.fresh(node)
+    def ignored(self, name):
+        return name in self.ignore or any(name.startswith(p + ".") for p in self.ignore)
 
-    def consume(self, info, who):
+    def opaque(self, node, cause):
+        """Unknown channel semantics: every channel it reads is frozen; its outputs are new frozen spaces."""
+        for v in node.refs():
+            inf = self.info.get(v)
+            if inf is not None:
+                self.g.freeze(inf.atoms, cause, self.where(node))
+        dims = {self.info[v].dim for v in node.refs() if v in self.info}
+        for v in node.outputs:  # keep the channel dim where it was (a layer norm of NHWC: the last)
+            d = dims.pop() if len(dims) == 1 else 1
+            inf = self.fresh(v, dim=d) if d < len(self.shape(v)) else self.fresh(v)
+            if inf is not None:
+                self.info[v] = inf
+
+    def consume(self, inf, who, node):
         """A module reads these channels: tainted ones cannot be dropped."""
-        if info is not None and info.taint.any():
-            self.graph.freeze(info.atoms[info.taint], f"{who} reads channels that are not zero when removed")
+        if inf is not None and inf.taint.any():
+            self.g.freeze(inf.atoms[inf.taint], f"{who} reads channels that are not zero when removed",
+                          self.where(node))
 
-    # -- graph walk ---------------------------------------------------------------------------------
-    def run(self):
-        for node in self.fx_graph.nodes:
-            if node.op == "placeholder":
-                self.info[node] = self.fresh(node)  # frozen: the input's channels are given
-            elif node.op == "get_attr":
-                self.info[node] = None  # a parameter/buffer used as a tensor: opaque
-            elif node.op == "call_module":
-                self.info[node] = self.call_module(node)
-            elif node.op in ("call_function", "call_method"):
-                self.info[node] = self.call_function(node)
-            elif node.op == "output":
-                for src in node.all_input_nodes:
-                    if self.info.get(src) is not None:
-                        self.graph.freeze(self.info[src].atoms, f"'{src.name}' is a model output")
-            if node in self.info and self.info[node] is None:
-                del self.info[node]
-        self.find_residual_blocks()
-        return self.graph
+    def set(self, v, atoms, taint, dim):
+        self.info[v] = ChannelInfo(atoms, taint, dim)
 
-    def find_residual_blocks(self):
-        """Additions that are a submodule's output, of the submodule's input and a branch inside it."""
+    def param_vector(self, v):
+        """(module, attribute, dim of the output holding the parameter's values) when v is a
+        parameter with one non-1 dimension, or a view of one; else None."""
+        node = self.c.node_of(v)
+        steps = 0
+        while node.op in _VIEWS | {"unsqueeze", "squeeze", "_to_copy", "detach", "alias", "permute", "t"} \
+                and steps < 8:
+            node = self.c.node_of(node.args[0].id)
+            steps += 1
+        if node.op != "param":
+            return None
+        shape = self.shape(v)
+        big = [i for i, s in enumerate(shape) if s != 1]
+        pshape = self.c.shapes[node.outputs[0]]
+        pbig = [i for i, s in enumerate(pshape) if s != 1]
+        if len(big) != 1 or len(pbig) != 1:
+            return None
+        return node.module, node.attr, big[0], pbig[0]
 
-        def stack(node):
-            return list((node.meta.get("nn_module_stack") or {}).keys())
-
-        for node in self.fx_graph.nodes:
-            if node.op != "call_function" or node.target not in (operator.add, torch.add) or node not in self.info:
-                continue
-            path = stack(node)
-            if not path:
-                continue
-            block = path[-1]
-            operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-            inside = [a for a in operands if block in stack(a)]
-            outside = [a for a in operands if block not in stack(a)]
-            if len(inside) != 1 or len(outside) != 1 or any(block in stack(u) for u in node.users):
-                continue
-            # Everything inside the block must depend only on the shortcut input.
-            members = [n for n in self.fx_graph.nodes if block in stack(n) and n is not node]
-            if any(a not in members and a is not outside[0] and a.op != "get_attr"
-                   for n in members for a in n.all_input_nodes):
-                continue
-            last = inside[0]
-            while last.op != "call_module" and last.all_input_nodes and last.target in _ZERO_PRESERVING_FUNCTIONS:
-                last = last.all_input_nodes[0]
-            last_module = self.modules.get(last.target) if last.op == "call_module" else None
-            if isinstance(last_module, _BATCHNORMS) and last.all_input_nodes:  # conv -> BN ends the branch
-                producer = last.all_input_nodes[0]
-                last_module = self.modules.get(producer.target) if producer.op == "call_module" else None
-            if not isinstance(last_module, (*_CONVS, nn.Linear)):
-                continue
-            padding = getattr(last_module, "padding", (0,))
-            padded = padding == "same" or (not isinstance(padding, str) and any(p > 0 for p in padding))
-            exact = not (padded and getattr(last_module, "padding_mode", "zeros") == "zeros")
-            self.graph.residual_blocks.append(ResidualBlock(block, self.info[node].atoms, last.target, exact))
-
-    def call_module(self, node):
-        name = node.target
-        m = self.modules[name]
-        shape = _meta_shape(node)
-        if isinstance(m, (*_CONVS, nn.Linear)) and shape is not None:
-            macs = layer_macs(m, math.prod(shape)) // self.batch
-            self.graph.macs[name] = self.graph.macs.get(name, 0) + macs
-        src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-        if isinstance(m, (*_CONVS, nn.Linear)) and _meta_shape(src) is not None:
-            self.graph.in_shapes.setdefault(name, tuple(_meta_shape(src)))
-        inp = self.info.get(src)
-        if name in self.ignore or any(name.startswith(p + ".") for p in self.ignore):
-            return self.opaque(node, f"module '{name}' is ignored")
-        if isinstance(m, _CONVS):
-            return self.conv(node, name, m, inp)
-        if isinstance(m, nn.Linear):
-            return self.linear(node, name, m, inp)
-        if isinstance(m, _BATCHNORMS):
-            return self.batchnorm(node, name, m, src, inp)
-        if isinstance(m, ResidualConstant):  # x + c per channel: f(0) != 0 where c != 0
-            if inp is None or inp.dim != 1:
-                return self.opaque(node, f"'{name}' reads an untracked tensor")
-            self.register(name, m, "residual_constant", inp.atoms, inp.atoms)
-            return ChannelInfo(inp.atoms, inp.taint | (m.constant.detach().cpu().numpy() != 0), 1)
-        if isinstance(m, nn.PReLU):
-            if inp is None:
-                return self.opaque(node, f"'{name}' reads an untracked tensor")
-            if m.num_parameters > 1:
-                self.register(name, m, "prelu", inp.atoms, inp.atoms)
-            return inp
-        if inp is not None:
-            if isinstance(m, _ZERO_PRESERVING_MODULES):
-                return self.same_channels(node, inp)
-            if isinstance(m, nn.Hardtanh) and m.min_val <= 0 <= m.max_val:
-                return self.same_channels(node, inp)
-            if isinstance(m, _TAINTING_MODULES):
-                return self.tainted(inp)
-            if isinstance(m, _SPATIAL_MODULES) and inp.dim == 1 and not getattr(m, "affine", False):
-                return self.same_channels(node, inp)
-            if isinstance(m, nn.Flatten):
-                return self.flatten(node, inp, m.start_dim, m.end_dim)
-        return self.opaque(node, f"module '{name}' ({type(m).__name__}) has no known channel rule")
-
-    def same_channels(self, node, inp):
-        shape = _meta_shape(node)
-        if shape is None or len(shape) <= inp.dim or shape[inp.dim] != len(inp.atoms):
-            return self.opaque(node, f"'{node.name}' changes the channel dimension")
-        return inp
-
-    @staticmethod
-    def tainted(inp):
-        return ChannelInfo(inp.atoms, np.ones(len(inp.atoms), dtype=bool), inp.dim)
-
-    def register(self, name, m, kind, in_atoms, out_atoms, source_atoms=None, producer=None):
-        prev = self.graph.modules.get(name)
+    def register(self, name, m, kind, in_atoms, out_atoms, **extra):
+        prev = self.g.modules.get(name)
         if prev is not None:  # a module called again must see the same channels
-            self.graph.union(prev.in_atoms, in_atoms)
+            if len(prev.in_atoms) == len(in_atoms):
+                self.g.union(prev.in_atoms, in_atoms)
             prev.calls += 1
             return prev.out_atoms
-        self.graph.modules[name] = ModuleChannels(name, m, kind, in_atoms, out_atoms, source_atoms, producer)
+        self.g.modules[name] = ModuleChannels(name, m, kind, in_atoms, out_atoms, **extra)
         return out_atoms
 
-    def conv(self, node, name, m, inp):
+    # -- the walk --------------------------------------------------------------------------------
+    def run(self):
+        for node in self.c.nodes:
+            op = node.op
+            if op == "input":
+                inf = self.fresh(node.outputs[0])  # frozen: the input's channels are given
+                if inf is not None:
+                    self.info[node.outputs[0]] = inf
+            elif op in ("param", "constant"):
+                continue
+            elif op == "output":
+                for v in node.refs():
+                    inf = self.info.get(v)
+                    if inf is not None:
+                        self.g.freeze(inf.atoms, "model outputs keep their channels")
+            elif op == "leaf":
+                self.leaf(node)
+            elif op == "alias_write":
+                if self.c.users[node.outputs[0]]:  # the changed tensor is read again: its channels are unknown
+                    self.opaque(node, "a tensor written in place through a view")
+            else:
+                self.aten(node)
+        self.find_residual_blocks()
+        return self.g
+
+    # -- modules ---------------------------------------------------------------------------------
+    def leaf(self, node):
+        name = node.module
+        m = self.modules[name]
+        refs = [a for a in node.args if isinstance(a, Ref)]
+        if not refs or not node.outputs:
+            return self.opaque(node, f"leaf module {type(m).__name__} reads no tensor")
+        x, out = refs[0].id, node.outputs[0]
+        if self.ignored(name):
+            return self.opaque(node, "ignored modules keep their channels")
+        if isinstance(m, _CONVS):  # CompensatedConv: a conv plus its border map
+            return self.conv(node, name, m, x, out)
+        if isinstance(m, nn.Linear):
+            return self.linear(node, name, m, x, out)
+        if isinstance(m, ResidualConstant):  # x + c per channel: f(0) != 0 where c != 0
+            inf = self.info.get(x)
+            if inf is None or inf.dim != 1:
+                return self.opaque(node, "ResidualConstant reads an untracked tensor")
+            self.register(name, m, "residual_constant", inf.atoms, inf.atoms)
+            self.g.node_module[node.index] = (name, "constant")
+            self.set(out, inf.atoms, inf.taint | (m.constant.detach().cpu().numpy() != 0), 1)
+            return
+        return self.opaque(node, f"leaf module {type(m).__name__} (leaf_modules) keeps its channels")
+
+    def macs(self, name, m, x, out):
+        shape = self.shape(out)
+        self.g.macs[name] = self.g.macs.get(name, 0) + layer_macs(m, math.prod(shape)) // max(self.batch, 1)
+        self.g.in_shapes.setdefault(name, tuple(self.shape(x)))
+
+    def conv(self, node, name, m, x, out):
+        self.macs(name, m, x, out)
+        inp = self.info.get(x)
+        if self.ignored(name):
+            return self.opaque(node, "ignored modules keep their channels")
         if inp is None or inp.dim != 1 or len(inp.atoms) != m.in_channels:
-            return self.opaque(node, f"conv '{name}' reads an untracked tensor")
-        self.consume(inp, f"conv '{name}'")
+            return self.opaque(node, "convs reading untracked tensors keep their channels")
+        self.consume(inp, f"conv '{name}'", node)
         g = m.groups
         if g == 1:
-            out = self.module_out.get(name)
-            if out is None:
-                out = self.graph.new_atoms(m.out_channels, name)
-            self.register(name, m, "conv", inp.atoms, out)
+            atoms = self.module_out.get(name)
+            if atoms is None:
+                atoms = self.g.new_atoms(m.out_channels, name)
+            self.register(name, m, "conv", inp.atoms, atoms)
         elif g == m.in_channels == m.out_channels:
-            out = inp.atoms  # depthwise: output c is a function of input c only
-            self.register(name, m, "depthwise_conv", inp.atoms, out)
+            atoms = inp.atoms  # depthwise: output c is a function of input c only
+            self.register(name, m, "depthwise_conv", inp.atoms, atoms)
         elif m.in_channels % g == 0 and m.out_channels % g == 0 and m.in_channels // g > 1:
             # Grouped: every group must keep the same local channels; couple local index j across groups.
             ci, co = m.in_channels // g, m.out_channels // g
             ins = inp.atoms.reshape(g, ci)
             for k in range(1, g):
-                self.graph.union(ins[0], ins[k])
-            out = self.module_out.get(name)
-            if out is None:
-                out = self.graph.new_atoms(m.out_channels, name)
-                outs = out.reshape(g, co)
+                self.g.union(ins[0], ins[k])
+            atoms = self.module_out.get(name)
+            if atoms is None:
+                atoms = self.g.new_atoms(m.out_channels, name)
+                outs = atoms.reshape(g, co)
                 for k in range(1, g):
-                    self.graph.union(outs[0], outs[k])
-            self.register(name, m, "grouped_conv", inp.atoms, out)
+                    self.g.union(outs[0], outs[k])
+            self.register(name, m, "grouped_conv", inp.atoms, atoms)
         else:  # depthwise with a channel multiplier
-            return self.opaque(node, f"conv '{name}' has groups={g} with a channel multiplier")
-        self.module_out[name] = out
-        return ChannelInfo(out, np.zeros(len(out), dtype=bool), 1)
+            return self.opaque(node, "depthwise convs with a channel multiplier keep their channels")
+        self.module_out[name] = atoms
+        self.conv_out[out] = name
+        self.g.reads.setdefault(name, []).append(x)
+        self.g.node_module[node.index] = (name, "producer")
+        self.set(out, atoms, np.zeros(len(atoms), dtype=bool), 1)
 
-    def linear(self, node, name, m, inp):
-        shape = _meta_shape(node)
-        if inp is None or shape is None or inp.dim != len(shape) - 1 or len(inp.atoms) != m.in_features:
-            return self.opaque(node, f"linear '{name}' reads an untracked tensor")
-        self.consume(inp, f"linear '{name}'")
-        out = self.module_out.get(name)
-        if out is None:
-            out = self.graph.new_atoms(m.out_features, name)
-            self.module_out[name] = out
-        self.register(name, m, "linear", inp.atoms, out)
-        return ChannelInfo(out, np.zeros(len(out), dtype=bool), len(shape) - 1)
+    def linear(self, node, name, m, x, out):
+        self.macs(name, m, x, out)
+        inp = self.info.get(x)
+        nd = len(self.shape(out))
+        if self.ignored(name):
+            return self.opaque(node, "ignored modules keep their channels")
+        if inp is None or inp.dim != len(self.shape(x)) - 1 or len(inp.atoms) != m.in_features:
+            return self.opaque(node, "linears reading untracked tensors keep their features")
+        self.consume(inp, f"linear '{name}'", node)
+        atoms = self.module_out.get(name)
+        if atoms is None:
+            atoms = self.module_out[name] = self.g.new_atoms(m.out_features, name)
+        self.register(name, m, "linear", inp.atoms, atoms)
+        self.conv_out[out] = name
+        self.g.reads.setdefault(name, []).append(x)
+        self.g.node_module[node.index] = (name, "producer")
+        self.set(out, atoms, np.zeros(len(atoms), dtype=bool), nd - 1)
 
-    def batchnorm(self, node, name, m, src, inp):
-        selected = getattr(m, "selected_index", None)  # a SelectedBatchNorm from an earlier prune
-        n_in = m.num_features if selected is None else None
-        if inp is None or inp.dim != 1 or (n_in is not None and len(inp.atoms) != n_in):
-            return self.opaque(node, f"BatchNorm '{name}' reads an untracked tensor")
-        self.consume(inp, f"BatchNorm '{name}'")
+    # -- ATen ops --------------------------------------------------------------------------------
+    def aten(self, node):
+        name = _op_name(node)
+        base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+        tracked = [v for v in node.refs() if v in self.info]
+        if name == "convolution":
+            return self.convolution(node)
+        if name in _BN_OPS:
+            return self.batchnorm(node)
+        if base == "index_select":
+            return self.index_select(node)
+        if not tracked or base in _FACTORIES:
+            return  # factories (x.new_full: only x's dtype and device), ops on parameters: no channels to follow
+        if base in _LIKE:
+            inf = self.info[node.args[0].id]
+            fill = _LIKE[base]
+            if fill is None:
+                fill = node.args[1] != 0
+            self.set(node.outputs[0], inf.atoms, np.full(len(inf.atoms), bool(fill)), inf.dim)
+            return
+        if base in ("zero", "fill"):
+            inf = self.info[node.args[0].id]
+            fill = base == "fill" and not (isinstance(node.args[1], (int, float)) and node.args[1] == 0)
+            self.set(node.outputs[0], inf.atoms, np.full(len(inf.atoms), fill), inf.dim)
+            return
+        if name in _SAME:
+            return self.same(node)
+        if name in _VIEWS:
+            return self.view(node)
+        handler = getattr(self, "op_" + base, None)
+        if handler is not None:
+            return handler(node)
+        if name in _SPATIAL:
+            return self.spatial(node)
+        if base in _REDUCTIONS:
+            return self.reduce(node, base)
+        if base in _ACTIVATIONS or node.func is not None and torch.Tag.pointwise in node.func.tags:
+            return self.pointwise(node, base)
+        return self.opaque(node, f"ops without a channel rule (aten.{name})")
+
+    def same(self, node):
+        inf = self.info[node.args[0].id]
+        if self.shape(node.outputs[0]) != self.shape(node.args[0].id):
+            return self.opaque(node, f"aten.{node.op} changes the shape")
+        self.info[node.outputs[0]] = inf
+
+    def convolution(self, node):
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        owner = self.c.param(w.id) if isinstance(w, Ref) else None
+        m = self.modules.get(owner[0]) if owner else None
+        if m is None or owner[1] != "weight" or not isinstance(m, _CONVS):
+            if any(v in self.info for v in node.refs()):
+                return self.opaque(node, "convolutions with a computed weight keep their channels")
+            return
+        if bias is not None and self.c.param(bias.id) != (owner[0], "bias"):
+            return self.opaque(node, "convolutions with a computed bias keep their channels")
+        if node.args[6]:  # transposed
+            return self.opaque(node, "transposed convolutions keep their channels")
+        return self.conv(node, owner[0], m, x.id, node.outputs[0])
+
+    def index_select(self, node):
+        x, dim, index = node.args[0], node.args[1], node.args[2]
+        owner = self.c.param(index.id) if isinstance(index, Ref) else None
+        if owner and owner[1] == "selected_index" and _norm_dim(dim, len(self.shape(x.id))) == 1 \
+                and len(self.c.users[node.outputs[0]]) == 1:
+            self.selected[node.outputs[0]] = (x.id, owner[0])  # read by its BN (below)
+            return
+        inf = self.info.get(x.id)
+        if inf is None:
+            return
+        if _norm_dim(dim, len(self.shape(x.id))) == inf.dim:
+            return self.opaque(node, "index_select along channels")
+        self.info[node.outputs[0]] = inf
+
+    def batchnorm(self, node):
+        x = node.args[0]
+        owners = {self.c.param(a.id) for a in node.args[1:5] if isinstance(a, Ref)} - {None}
+        names = {o[0] for o in owners}
+        out = node.outputs[0]
+        if len(names) != 1:
+            if x.id in self.info or x.id in self.selected:
+                return self.opaque(node, "batch norms over computed parameters keep their channels")
+            return
+        name = names.pop()
+        m = self.modules[name]
+        attrs = tuple(a.id for a in node.args[1:5] if isinstance(a, Ref))
+        attrs = tuple(self.c.param(v)[1] for v in attrs)
+        src, selected = x.id, None
+        if src in self.selected:
+            src, sel_owner = self.selected[src]
+            selected = getattr(m, "selected_index", None) if sel_owner == name else None
+            if selected is None:
+                return self.opaque(node, "index_select along channels")
+        inp = self.info.get(src)
+        n_in = len(self.c.concrete[node.args[1].id]) if isinstance(node.args[1], Ref) else None
+        if self.ignored(name):
+            return self.opaque(node, "ignored modules keep their channels")
+        if inp is None or inp.dim != 1 or (selected is None and n_in is not None and len(inp.atoms) != n_in):
+            return self.opaque(node, "batch norms reading untracked tensors keep their channels")
+        self.consume(inp, f"BatchNorm '{name}'", node)
         source = inp.atoms if selected is None else inp.atoms[selected.cpu().numpy()]
-        producer = self.modules.get(src.target) if src.op == "call_module" else None
-        coupled = isinstance(producer, (*_CONVS, nn.Linear)) and len(src.users) == 1 and selected is None
-        if coupled or not m.affine or type(m) not in _SELECTABLE_BATCHNORMS:
-            out = inp.atoms
-            self.register(name, m, "bn", inp.atoms, out, source, producer=src.target if coupled else None)
+        producer = self.conv_out.get(src)
+        coupled = producer is not None and len(self.c.users[src]) == 1 and selected is None
+        affine = getattr(m, "affine", True) and "weight" in attrs
+        if coupled or not affine or type(m) not in _SELECTABLE_BATCHNORMS:
+            atoms = source
+            self.register(name, m, "bn", inp.atoms, atoms, source_atoms=source,
+                          producer=producer if coupled else None, attrs=attrs)
         else:
-            out = self.module_out.get(name)
-            if out is None:
-                out = self.graph.new_atoms(len(source), name)
-                for s, p in zip(out.tolist(), source.tolist()):
-                    self.graph.selection_parent[s] = p
-                self.module_out[name] = out
-            self.register(name, m, "selection_bn", inp.atoms, out, source)
-        return ChannelInfo(out, np.zeros(len(out), dtype=bool), 1)
+            atoms = self.module_out.get(name)
+            if atoms is None:
+                atoms = self.g.new_atoms(len(source), name)
+                for s, p in zip(atoms.tolist(), source.tolist()):
+                    self.g.selection_parent[s] = p
+                self.module_out[name] = atoms
+            self.register(name, m, "selection_bn", inp.atoms, atoms, source_atoms=source, attrs=attrs)
+        self.g.node_module[node.index] = (name, "bn")
+        self.set(out, atoms, np.zeros(len(atoms), dtype=bool), 1)
 
-    # -- functions and methods ----------------------------------------------------------------------
-    def call_function(self, node):
-        target = node.target
-        first = node.args[0] if node.args else None
-        inp = self.info.get(first) if isinstance(first, torch.fx.Node) else None
-        if _meta_shape(node) is None:  # not a tensor: sizes, tuples, ...
-            if target in _SHAPE_QUERIES or not self.tensor_inputs(node):
-                return None
-            return self.opaque(node, f"'{node.name}' ({_name(target)}) turns channels into a non-tensor")
-        if target in _ADD_LIKE or target in _MUL_LIKE or target in _DIV_LIKE:
-            return self.elementwise(node, target)
-        if target in _CAT:
-            return self.cat(node)
-        if getattr(target, "__name__", "") == "stochastic_depth":  # torchvision; identity in eval
-            return inp
-        if inp is None:
-            return self.opaque(node, f"'{node.name}' ({_name(target)}) reads no tracked tensor first")
-        if target in _FLATTEN:
-            return self.flatten(node, inp, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
-        if target in _RESHAPE:
-            return self.reshape(node, inp)
-        if target in _REDUCTIONS:
-            return self.reduce(node, inp)
-        if target in _ZERO_PRESERVING_FUNCTIONS:
-            return self.same_channels(node, inp)
-        if target is F.hardtanh:
-            ok = _arg(node, 1, "min_val", -1.0) <= 0 <= _arg(node, 2, "max_val", 1.0)
-            return self.same_channels(node, inp) if ok else self.tainted(inp)
-        if target in ("clamp", "clamp_", "clamp_min", torch.clamp):
-            low = _arg(node, 1, "min", None)
-            return self.tainted(inp) if isinstance(low, (int, float)) and low > 0 else self.same_channels(node, inp)
-        if target in _SPATIAL_FUNCTIONS and inp.dim == 1:
-            return self.same_channels(node, inp)
-        if target in _TAINTING_FUNCTIONS:
-            return self.tainted(inp)
-        return self.opaque(node, f"'{node.name}' ({_name(target)}) has no known channel rule")
+    def view(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        in_shape, out_shape = self.shape(x), self.shape(node.outputs[0])
+        mapped = _view_map(in_shape, out_shape, inf.dim)
+        if mapped is None:
+            return self.opaque(node, f"reshapes that split or merge channels (aten.{node.op})")
+        d, block = mapped
+        changed = tuple(in_shape) != tuple(out_shape)
+        if changed and node.op != "expand" and not self.sized_by_python(node, out_shape, d):
+            self.g.checks.append(node.index)
+        self.set(node.outputs[0], np.repeat(inf.atoms, block), np.repeat(inf.taint, block), d)
 
-    def elementwise(self, node, target):
-        out_shape = _meta_shape(node)
-        n = len(out_shape)
-        cdim = None
-        channel_inputs = []  # (info, is_denominator)
-        zero_scalar_safe = True
-        for pos, a in enumerate(node.args[:2]):
-            if isinstance(a, torch.fx.Node):
-                shape = _meta_shape(a)
-                if shape is None:
-                    continue  # a size or other non-tensor
-                info = self.info.get(a)
-                offset = n - len(shape)
-                if info is None:
-                    # Untracked tensor operand: fine only if it broadcasts over the channel dimension.
-                    channel_inputs.append((None, shape, offset, pos))
-                    continue
-                d = info.dim + offset
-                if shape[info.dim] == 1:
-                    continue  # broadcast along channels: does not touch them
-                if cdim not in (None, d):
-                    return self.opaque(node, f"'{node.name}' combines tensors with different channel dims")
-                cdim = d
-                channel_inputs.append((info, shape, offset, pos))
-            elif isinstance(a, (int, float)) and target in _ADD_LIKE and a != 0:
-                zero_scalar_safe = False
-        tracked = [ci for ci in channel_inputs if ci[0] is not None]
-        if not tracked:
-            return self.opaque(node, f"'{node.name}' ({_name(target)}) has no tracked channel input")
-        for info, shape, offset, pos in channel_inputs:
-            if info is None and len(shape) > cdim - offset >= 0 and shape[cdim - offset] != 1:
-                return self.opaque(node, f"'{node.name}' combines channels with an untracked tensor")
-        first = tracked[0][0]
-        for info, *_ in tracked[1:]:
-            if len(info.atoms) != len(first.atoms):
-                return self.opaque(node, f"'{node.name}' combines tensors with different channel counts")
-            self.graph.union(first.atoms, info.atoms)
-        taints = [info.taint for info, *_ in tracked]
-        if target in _MUL_LIKE:
-            taint = np.logical_and.reduce(taints)  # an untainted zero factor zeroes the product
-        elif target in _DIV_LIKE:
-            if any(pos == 1 for *_, pos in tracked):
-                taint = np.ones(len(first.atoms), dtype=bool)  # dividing by a removed channel: 0/0
-            else:
-                taint = taints[0]
-        else:
-            taint = np.logical_or.reduce(taints) | (not zero_scalar_safe)
-        return ChannelInfo(first.atoms, taint, cdim)
+    @staticmethod
+    def sized_by_python(node, out_shape, d):
+        """The Python call computes the channel dimension's size itself (flatten, view(..., -1))."""
+        if node.pycall is None:
+            return False
+        if node.pycall[0] == "flatten":
+            return True
+        if node.pycall[0] == "view":
+            sizes = node.pycall[1]
+            return len(sizes) == len(out_shape) and sizes[d] == -1
+        return False
 
-    def cat(self, node):
+    def op_permute(self, node):
+        inf = self.info[node.args[0].id]
+        dims = [_norm_dim(d, len(node.args[1])) for d in node.args[1]]
+        self.set(node.outputs[0], inf.atoms, inf.taint, dims.index(inf.dim))
+
+    def op_transpose(self, node):
+        inf = self.info[node.args[0].id]
+        nd = len(self.shape(node.args[0].id))
+        a, b = _norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd)
+        d = b if inf.dim == a else a if inf.dim == b else inf.dim
+        self.set(node.outputs[0], inf.atoms, inf.taint, d)
+
+    def op_t(self, node):
+        inf = self.info[node.args[0].id]
+        self.set(node.outputs[0], inf.atoms, inf.taint, 1 - inf.dim if len(self.shape(node.args[0].id)) == 2 else 0)
+
+    def op_unsqueeze(self, node):
+        inf = self.info[node.args[0].id]
+        d = _norm_dim(node.args[1], len(self.shape(node.outputs[0])))
+        self.set(node.outputs[0], inf.atoms, inf.taint, inf.dim + 1 if d <= inf.dim else inf.dim)
+
+    def op_squeeze(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        in_shape = self.shape(x)
+        dims = node.args[1] if len(node.args) > 1 else None
+        if dims is None:
+            dims = [i for i, s in enumerate(in_shape) if s == 1]
+        elif isinstance(dims, int):
+            dims = [dims]
+        dims = {_norm_dim(d, len(in_shape)) for d in dims if in_shape[_norm_dim(d, len(in_shape))] == 1}
+        if inf.dim in dims:
+            return self.opaque(node, "squeezing a one-channel dimension")
+        self.set(node.outputs[0], inf.atoms, inf.taint, inf.dim - sum(d < inf.dim for d in dims))
+
+    def op_select(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        d = _norm_dim(node.args[1], len(self.shape(x)))
+        if d == inf.dim:
+            return self.opaque(node, "selecting one channel (x[:, i])")
+        self.set(node.outputs[0], inf.atoms, inf.taint, inf.dim - (d < inf.dim))
+
+    def op_unbind(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        d = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(self.shape(x)))
+        if d == inf.dim:
+            return self.opaque(node, "unbinding the channel dimension")
+        for v in node.outputs:
+            self.set(v, inf.atoms, inf.taint, inf.dim - (d < inf.dim))
+
+    def op_slice(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        n = self.shape(x)
+        d = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(n))
+        if d != inf.dim:
+            self.info[node.outputs[0]] = inf
+            return
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else n[d]
+        step = node.args[4] if len(node.args) > 4 else 1
+        idx = np.arange(n[d])[slice(start, end, step)]
+        if step != 1:
+            return self.opaque(node, "strided slices of channels")
+        if len(idx) != n[d]:
+            self.g.checks.append(node.index)
+        self.set(node.outputs[0], inf.atoms[idx], inf.taint[idx], d)
+
+    def op_narrow(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        d = _norm_dim(node.args[1], len(self.shape(x)))
+        if d != inf.dim:
+            self.info[node.outputs[0]] = inf
+            return
+        start, length = node.args[2], node.args[3]
+        if length != len(inf.atoms):
+            self.g.checks.append(node.index)
+        self.set(node.outputs[0], inf.atoms[start:start + length], inf.taint[start:start + length], d)
+
+    def op_split(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        nd = len(self.shape(x))
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        d = _norm_dim(dim, nd)
+        if d != inf.dim:
+            for v in node.outputs:
+                self.info[v] = inf
+            return
+        sizes = [self.shape(v)[d] for v in node.outputs]
+        bounds = np.cumsum([0] + sizes)
+        pieces = [(inf.atoms[a:b], inf.taint[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        equal = len(set(sizes)) == 1
+        if equal:  # channel j of every piece goes together, so equal pieces stay equal
+            for atoms, _ in pieces[1:]:
+                self.g.union(pieces[0][0], atoms)
+        if not (equal and node.pycall == ("chunk",)) and len(pieces) > 1:
+            self.g.checks.append(node.index)
+        for v, (atoms, taint) in zip(node.outputs, pieces):
+            self.set(v, atoms, taint, d)
+
+    op_split_with_sizes = op_split
+    op_unsafe_split = op_split
+    op_unsafe_split_with_sizes = op_split
+
+    def op_cat(self, node):
         tensors = node.args[0]
-        dim = _arg(node, 1, "dim", 0)
-        out_shape = _meta_shape(node)
-        infos = [self.info.get(t) for t in tensors]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = node.outputs[0]
+        infos = [self.info.get(t.id) for t in tensors]
         if any(i is None for i in infos):
-            return self.opaque(node, f"'{node.name}' concatenates untracked tensors")
-        dim = _norm_dim(dim, len(out_shape))
-        if all(i.dim == dim for i in infos):
-            return ChannelInfo(np.concatenate([i.atoms for i in infos]), np.concatenate([i.taint for i in infos]), dim)
+            return self.opaque(node, "concatenations with untracked tensors")
+        d = _norm_dim(dim, len(self.shape(out)))
+        if all(i.dim == d for i in infos):
+            self.set(out, np.concatenate([i.atoms for i in infos]), np.concatenate([i.taint for i in infos]), d)
+            return
         if all(i.dim == infos[0].dim for i in infos) and all(len(i.atoms) == len(infos[0].atoms) for i in infos):
             for i in infos[1:]:
-                self.graph.union(infos[0].atoms, i.atoms)
-            return ChannelInfo(infos[0].atoms, np.logical_or.reduce([i.taint for i in infos]), infos[0].dim)
-        return self.opaque(node, f"'{node.name}' concatenates along a mixed dimension")
+                self.g.union(infos[0].atoms, i.atoms)
+            self.set(out, infos[0].atoms, np.logical_or.reduce([i.taint for i in infos]), infos[0].dim)
+            return
+        return self.opaque(node, "concatenations along mixed dimensions")
 
-    def flatten(self, node, inp, start, end):
-        in_shape = _meta_shape(node.args[0])
-        out_shape = _meta_shape(node)
-        nd = len(in_shape)
-        start, end = _norm_dim(start, nd), _norm_dim(end, nd)
-        if inp.dim < start or inp.dim > end:
-            return ChannelInfo(inp.atoms, inp.taint, inp.dim if inp.dim < start else inp.dim - (end - start))
-        if inp.dim != start:
-            return self.opaque(node, f"'{node.name}' flattens channels into a preceding dimension")
-        block = math.prod(in_shape[start + 1:end + 1])
-        return ChannelInfo(np.repeat(inp.atoms, block), np.repeat(inp.taint, block), start)
+    def op_stack(self, node):
+        tensors = node.args[0]
+        infos = [self.info.get(t.id) for t in tensors]
+        out = node.outputs[0]
+        d = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(self.shape(out)))
+        if any(i is None for i in infos) or any(i.dim != infos[0].dim or len(i.atoms) != len(infos[0].atoms)
+                                                for i in infos):
+            return self.opaque(node, "stacks of unlike tensors")
+        for i in infos[1:]:
+            self.g.union(infos[0].atoms, i.atoms)
+        cd = infos[0].dim + (d <= infos[0].dim)
+        self.set(out, infos[0].atoms, np.logical_or.reduce([i.taint for i in infos]), cd)
 
-    def reshape(self, node, inp):
-        in_shape, out_shape = _meta_shape(node.args[0]), _meta_shape(node)
-        if out_shape == in_shape:
-            return inp
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        # x.view(x.size(0), -1) flattens; a literal feature size would break once channels are removed.
-        is_flatten = inp.dim == 1 and len(out_shape) == 2 and out_shape[0] == in_shape[0] and len(sizes) == 2
-        if is_flatten and (sizes[1] == -1 or isinstance(sizes[1], torch.fx.Node)):
-            return self.flatten(node, inp, 1, -1)
-        return self.opaque(node, f"'{node.name}' reshapes channels to {out_shape} with fixed sizes")
+    def op_constant_pad_nd(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        pad = node.args[1]
+        value = node.args[2] if len(node.args) > 2 else 0
+        nd = len(self.shape(x))
+        padded = {nd - 1 - i // 2 for i in range(len(pad)) if pad[i] != 0}
+        if inf.dim in padded:
+            return self.opaque(node, "padding along channels")
+        taint = inf.taint if value == 0 else np.ones(len(inf.atoms), dtype=bool)
+        self.set(node.outputs[0], inf.atoms, taint, inf.dim)
 
-    def reduce(self, node, inp):
-        if inp is None:
-            return self.opaque(node, f"'{node.name}' reduces an untracked tensor")
-        in_shape, out_shape = _meta_shape(node.args[0]), _meta_shape(node)
-        dims = _arg(node, 1, "dim", None)
-        if dims is None:
-            return self.opaque(node, f"'{node.name}' reduces over all dimensions")
-        dims = {_norm_dim(d, len(in_shape)) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
-        if inp.dim in dims:
-            return self.opaque(node, f"'{node.name}' reduces over the channel dimension")
-        keepdim = len(out_shape) == len(in_shape)
-        new_dim = inp.dim if keepdim else inp.dim - sum(d < inp.dim for d in dims)
-        return ChannelInfo(inp.atoms, inp.taint, new_dim)
+    def spatial(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        if inf.dim != 1 or self.shape(node.outputs[0])[1] != len(inf.atoms):
+            return self.opaque(node, f"aten.{node.op} over channels")
+        for v in node.outputs:  # max pooling's indices: not zero for a zero channel
+            self.set(v, inf.atoms, inf.taint if v == node.outputs[0] else np.ones(len(inf.atoms), dtype=bool), 1)
+
+    def reduce(self, node, base):
+        x = node.args[0].id
+        inf = self.info[x]
+        nd = len(self.shape(x))
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            return self.opaque(node, "reductions over every dimension")
+        dims = {_norm_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else (dims,))}
+        if inf.dim in dims:
+            return self.opaque(node, "reductions over channels")
+        for v in node.outputs:
+            keep = len(self.shape(v)) == nd
+            d = inf.dim if keep else inf.dim - sum(k < inf.dim for k in dims)
+            ok = v == node.outputs[0] and base not in _TAINTING_REDUCTIONS
+            self.set(v, inf.atoms, inf.taint if ok else np.ones(len(inf.atoms), dtype=bool), d)
+
+    def op__softmax(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        if _norm_dim(node.args[1], len(self.shape(x))) == inf.dim:
+            return self.opaque(node, "softmax over channels")
+        self.set(node.outputs[0], inf.atoms, np.ones(len(inf.atoms), dtype=bool), inf.dim)
+
+    op__log_softmax = op__softmax
+
+    def op_native_layer_norm(self, node):
+        x = node.args[0].id
+        inf = self.info[x]
+        nd = len(self.shape(x))
+        if inf.dim >= nd - len(node.args[1]):
+            return self.opaque(node, "layer norms over channels")
+        self.set(node.outputs[0], inf.atoms, np.ones(len(inf.atoms), dtype=bool), inf.dim)
+
+    def pointwise(self, node, base):
+        out = node.outputs[0]
+        n = len(self.shape(out))
+        tracked, others = [], []
+        cdim = None
+        for pos, a in enumerate(node.args):
+            if not isinstance(a, Ref):
+                continue
+            s = self.shape(a.id)
+            inf = self.info.get(a.id)
+            if inf is None:
+                others.append((pos, a.id, s))
+                continue
+            d = inf.dim + n - len(s)
+            if s[inf.dim] == 1 and self.shape(out)[d] != 1:
+                # one channel broadcast over many: it cannot be removed from under the others
+                self.g.freeze(inf.atoms, "single channels broadcast over a channel dimension", self.where(node))
+                others.append((pos, a.id, s))
+                continue
+            if cdim not in (None, d):
+                return self.opaque(node, "element-wise ops between tensors with different channel dims")
+            cdim = d
+            tracked.append((pos, inf))
+        if not tracked:
+            for v in node.outputs:
+                inf = self.fresh(v) if len(self.shape(v)) >= 2 else None
+                if inf is not None:
+                    self.info[v] = inf
+            return
+        first = tracked[0][1]
+        for _, inf in tracked[1:]:
+            if len(inf.atoms) != len(first.atoms):
+                return self.opaque(node, "element-wise ops between different channel counts")
+            self.g.union(first.atoms, inf.atoms)
+        taint = np.logical_or.reduce([inf.taint for _, inf in tracked])
+        untracked_values = []  # per-channel values of aligned constant operands (None: unknown)
+        for pos, v, s in others:
+            k = cdim - (n - len(s))
+            if 0 <= k < len(s) and s[k] != 1:  # an untracked tensor along the channels
+                pv = self.param_vector(v)
+                if pv is None or pv[2] != k or self.ignored(pv[0]):
+                    return self.opaque(node, "element-wise ops with computed per-channel tensors")
+                mname, attr, _, pdim = pv
+                if pdim > 1:
+                    return self.opaque(node, "element-wise ops with per-channel tensors laid out otherwise")
+                key = f"{mname}.{attr}" if mname else attr
+                self.register(key, self.modules[mname], "channel_param", first.atoms, first.atoms,
+                              attrs=(attr,), dim=pdim)
+                untracked_values.append(getattr(self.modules[mname], attr).detach().reshape(-1).cpu().numpy())
+            else:
+                untracked_values.append(None)
+        ones = np.ones(len(first.atoms), dtype=bool)
+        if base == "mul":  # an untainted zero factor zeroes the product
+            taint = np.logical_and.reduce([inf.taint for _, inf in tracked])
+            for vals in untracked_values:
+                if vals is not None:
+                    taint = taint | ~np.isfinite(vals)
+        elif base in ("div", "true_divide"):
+            taint = ones if any(pos == 1 for pos, _ in tracked) else tracked[0][1].taint.copy()  # x/0: not 0
+        elif base in ("add", "sub"):
+            other = node.args[1] if len(node.args) > 1 else None
+            if isinstance(other, (int, float)) and other != 0:
+                taint = ones
+            for vals in untracked_values:
+                taint = taint | (ones if vals is None else vals != 0)
+        elif base == "_prelu_kernel":
+            pass  # prelu(0) = 0 whatever the slope
+        elif others:
+            taint = ones  # other tensors' values are unknown
+        elif _nonzero_at_zero(node):
+            taint = ones
+        for v in node.outputs:
+            self.set(v, first.atoms, taint, cdim)
+
+    # -- residual blocks -------------------------------------------------------------------------
+    def find_residual_blocks(self):
+        """Submodule calls whose output is their input plus a branch computed inside them."""
+        c = self.c
+        for call in c.calls:
+            if len(call.outputs) != 1 or not call.inputs or call.inputs[0] is None or call.outputs[0] is None:
+                continue
+            out = call.outputs[0]
+            node = c.nodes[c.producer[out]]
+            if node.op not in ("add", "add_") or not (call.start <= node.index < call.end):
+                continue
+            refs = [a.id for a in node.args[:2] if isinstance(a, Ref)]
+            x = call.inputs[0]
+            if len(refs) != 2 or refs.count(x) != 1 or len(node.args) > 2 and node.args[2] != 1:
+                continue
+            if out not in self.info or x not in self.info:
+                continue
+            branch = refs[1] if refs[0] == x else refs[0]
+            inside = range(call.start, call.end)
+            if any(not (c.producer[v] in inside or v == x or c.nodes[c.producer[v]].op in ("param", "constant"))
+                   for n in c.nodes[call.start:call.end] for v in n.refs()):
+                continue
+            last = c.nodes[c.producer[branch]]
+            while last.func is not None and last.op in ("relu", "relu_", "clone") and last.refs():
+                last = c.nodes[c.producer[last.refs()[0]]]
+            name = self.producing_module(last)
+            if name is None:
+                continue
+            m = self.modules[name]
+            if isinstance(m, _BATCHNORMS):  # conv -> BN ends the branch
+                bn_in = last.args[0].id if last.args and isinstance(last.args[0], Ref) else None
+                name = self.conv_out.get(bn_in)
+                if name is None:
+                    continue
+                m = self.modules[name]
+            if not isinstance(m, (*_CONVS, nn.Linear)):
+                continue
+            padding = getattr(m, "padding", (0,))
+            padded = padding == "same" or (not isinstance(padding, str) and any(p > 0 for p in padding))
+            exact = not (padded and getattr(m, "padding_mode", "zeros") == "zeros")
+            self.g.residual_blocks.append(ResidualBlock(call.name, self.info[out].atoms, name, exact, branch))
+
+    def producing_module(self, node):
+        if node.op == "leaf":
+            return node.module
+        for v in node.outputs:
+            if v in self.conv_out:
+                return self.conv_out[v]
+        if _op_name(node) in _BN_OPS:
+            owners = {self.c.param(a.id) for a in node.args[1:5] if isinstance(a, Ref)} - {None}
+            if len({o[0] for o in owners}) == 1:
+                return owners.pop()[0]
+        return None
 
 
-def _arg(node, pos, name, default):
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
-
-
-def _name(target):
-    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+def _nonzero_at_zero(node):
+    """Whether the op maps zero inputs to a nonzero value: evaluated on zero scalars with the op's
+    other arguments (f(0) for relu, sigmoid, clamp(x, 0.1), x ** 2, ...)."""
+    args = [torch.zeros((), dtype=torch.float32) if isinstance(a, Ref) else a for a in node.args]
+    kwargs = {k: (torch.zeros((), dtype=torch.float32) if isinstance(a, Ref) else a) for k, a in node.kwargs.items()}
+    kwargs.pop("out", None)
+    try:
+        r = node.func(*args, **kwargs)
+    except Exception:
+        return True
+    r = r[0] if isinstance(r, (tuple, list)) else r
+    if not isinstance(r, torch.Tensor):
+        return True
+    r = r.double() if r.dtype != torch.bool else r
+    return bool((r != 0).any()) or bool(torch.isnan(r).any()) if r.dtype != torch.bool else bool(r.any())
 
 
 def analyze(model, example_inputs, ignore=(), leaf_modules=()):
-    """Traces ``model`` and returns its ChannelGraph. ``ignore``: module names whose channels stay."""
-    root, graph = trace(model, example_inputs, leaf_modules)
-    return _Analysis(root, graph, set(ignore)).run()
+    """Captures ``model`` and returns its ChannelGraph. ``ignore``: module names whose channels stay."""
+    leaves = (nn.Linear, *PLAIN_CONV, *leaf_modules)
+    cap = capture(model, example_inputs, leaf_modules=leaves)
+    return _Rules(model, cap, set(ignore)).run()
+
+
+
+
+# ---------------------------------------------------------------------------------------- verify
+
+
+def meta_copy(model, device="meta"):
+    """A structural copy of ``model``: every module copied (its attributes shallowly), parameters
+    and buffers replaced by meta tensors (no data) or uninitialised ones on ``device``. Far
+    cheaper than copy.deepcopy, which copies every attribute of every module deeply."""
+    tensors, modules = {}, {}
+
+    def data_less(t):
+        new = tensors.get(id(t))
+        if new is None:
+            new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            if isinstance(t, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            tensors[id(t)] = new
+        return new
+
+    def copy_module(m):
+        new = modules.get(id(m))
+        if new is None:
+            new = modules[id(m)] = object.__new__(type(m))
+            new.__dict__ = m.__dict__.copy()
+            new._parameters = {k: None if t is None else data_less(t) for k, t in m._parameters.items()}
+            new._buffers = {k: None if t is None else data_less(t) for k, t in m._buffers.items()}
+            new._modules = {k: None if c is None else copy_module(c) for k, c in m._modules.items()}
+        return new
+
+    return copy_module(model)
+
+
+def expected_shape(graph, v, kept_atom):
+    """The shape value v should have in the pruned model."""
+    shape = list(graph.capture.shapes[v])
+    inf = graph.info.get(v)
+    if inf is not None and len(inf.atoms):
+        shape[inf.dim] = int(kept_atom[inf.atoms].sum())
+    return tuple(shape)
+
+
+def _node_keys(cap):
+    """(module stack, op, occurrence) of every node: the same key names the same op in a capture
+    of the pruned model, whose nodes shift where collapsed blocks are gone."""
+    counts = defaultdict(int)
+    keys = []
+    for node in cap.nodes:
+        k = (node.stack, node.op)
+        keys.append((k, counts[k]))
+        counts[k] += 1
+    return keys
+
+
+@dataclass
+class SizeMismatch:
+    """A node of the model's code whose sizes do not follow the plan in the pruned model."""
+
+    node: object  # the capture's Node (None: not located)
+    changes: dict  # old size -> the size the plan needs, for the integers the node was given
+    message: str
+    unverified: list = field(default_factory=list)  # check nodes never reached (the pruned model failed first)
+
+
+def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
+    """Runs a pruned data-less copy of the model and compares the sizes at every node listed in
+    ``graph.checks`` and at the outputs with the plan. Returns the SizeMismatches, in model order
+    (empty: the pruned model follows the plan)."""
+    cap = graph.capture
+    meta_inputs = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                        if isinstance(t, torch.Tensor) and device == "meta" else t for t in example_inputs)
+    failure = None
+    try:
+        new = capture(pruned_meta, meta_inputs, leaf_modules=(nn.Linear, *PLAIN_CONV))
+    except TraceFailure as exc:
+        failure = exc
+        new = getattr(exc, "partial", None)
+        if new is None:
+            return [SizeMismatch(None, {}, str(exc), list(graph.checks))]
+    keys = _node_keys(cap)
+    index = {k: j for j, k in enumerate(_node_keys(new))}
+    checks = sorted(set(graph.checks) | {cap.producer[v] for v in cap.outputs})
+    unverified, mismatches = [], []
+    for i in checks:
+        node = cap.nodes[i]
+        j = index.get(keys[i])
+        if j is None:
+            unverified.append(i)
+            continue
+        got = [tuple(new.shapes[v]) for v in new.nodes[j].outputs]
+        want = [expected_shape(graph, v, kept_atom) for v in node.outputs]
+        if got != want:
+            mismatches.append(SizeMismatch(
+                node, size_changes(graph, node, kept_atom),
+                f"aten.{node.op} in {_where(node)} gives sizes {got} where the plan needs {want}"))
+    if failure is not None:
+        key = getattr(failure, "failed_key", None)
+        node = None
+        if key is not None:
+            occurrence = sum(1 for n in new.nodes if (n.stack, n.op) == key)
+            i = next((i for i, k in enumerate(keys) if k == (key, occurrence)), None)
+            node = cap.nodes[i] if i is not None else None
+        if not mismatches or node is not None and node.index < mismatches[0].node.index:
+            mismatches.insert(0, SizeMismatch(
+                node, size_changes(graph, node, kept_atom) if node is not None else {},
+                f"the pruned model does not run: {failure.__cause__ or failure}", unverified))
+    return mismatches
+
+
+def _where(node):
+    return f"'{node.stack[-1]}'" if node.stack else "the model's forward"
+
+
+def size_changes(graph, node, kept_atom):
+    """{old: new} for the integer sizes a split/slice/narrow/view was given, where the plan needs
+    new ones (conflicting demands on one old value: left out)."""
+    cap, info = graph.capture, graph.info
+    x = node.args[0].id if node.args and isinstance(node.args[0], Ref) else None
+    inf = info.get(x) if x is not None else None
+    pairs = []
+    if node.op in ("split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes") and inf is not None:
+        for v in node.outputs:
+            pairs.append((cap.shapes[v][inf.dim], expected_shape(graph, v, kept_atom)[inf.dim]))
+        # code often sizes equal pieces from the whole (x.split(self.channels // 2, 1))
+        pairs.append((cap.shapes[x][inf.dim], expected_shape(graph, x, kept_atom)[inf.dim]))
+    elif node.op in ("slice", "narrow") and inf is not None:
+        n = cap.shapes[x][inf.dim]
+        for pos in (2, 3):
+            if len(node.args) > pos and isinstance(node.args[pos], int):
+                old = node.args[pos]
+                end = min(old if old >= 0 else old + n, n) if node.op == "slice" or pos == 2 else \
+                    node.args[2] + old
+                new = int(kept_atom[inf.atoms[:end]].sum())
+                if node.op == "narrow" and pos == 3:
+                    new -= int(kept_atom[inf.atoms[:node.args[2]]].sum())
+                pairs.append((old, new))
+    elif node.op in _VIEWS:
+        v = node.outputs[0]
+        pairs = list(zip(cap.shapes[v], expected_shape(graph, v, kept_atom)))
+    changes = {}
+    for old, new in pairs:
+        if old != new:
+            if changes.get(old, new) != new:
+                changes[old] = None
+            else:
+                changes[old] = new
+    return {k: v for k, v in changes.items() if v is not None}
+
+
+def attribute_fixes(model, node, changes):
+    """[(module name, attribute, old value, new value)]: the integer attributes (or tuples/lists of
+    them) of the innermost module running ``node`` that hold an old size."""
+    for name in reversed(node.stack):
+        m = model.get_submodule(name)
+        fixes = []
+        for attr, value in vars(m).items():
+            if attr.startswith("_") or isinstance(value, bool):
+                continue
+            if isinstance(value, int) and value in changes:
+                fixes.append((name, attr, value, changes[value]))
+            elif isinstance(value, (list, tuple)) and value and all(
+                    isinstance(a, int) and not isinstance(a, bool) for a in value) and any(a in changes for a in value):
+                fixes.append((name, attr, value, type(value)(changes.get(a, a) for a in value)))
+        if fixes:
+            return fixes
+    return []
+
+
+# ---------------------------------------------------------------------------------------- constants
+
+# Ops that only move channels around (or reduce other dimensions): a channel's constant follows its atom.
+_MOVES = _SAME | _VIEWS | {"permute", "transpose", "t", "unsqueeze", "squeeze", "select", "unbind", "slice",
+                           "narrow", "split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes",
+                           "index_select", "mean", "amax", "amin", "max", "min"} | (
+    _SPATIAL - {"avg_pool1d", "avg_pool2d", "avg_pool3d"})  # zero-padded averages change near borders
+
+
+def constants(graph, removed_atom, betas=True):
+    """The constant each removed channel carries where it flows, computed from the capture alone:
+    a removed BN channel emits its beta (``betas``; else 0), a removed conv/linear channel 0, and
+    element-wise ops, pooling, reshapes, concatenations, splits and reductions carry that on
+    (relu(beta), x * sigmoid(0), ...). Returns {value id: float64 array per channel, NaN where the
+    channel is not a known constant}; values without constants are left out."""
+    cap, info = graph.capture, graph.info
+    const = {}
+    for node in cap.nodes:
+        outs = [v for v in node.outputs if v in info]
+        if not outs:
+            continue
+        owner = graph.node_module.get(node.index)
+        if owner is not None and owner[1] in ("producer", "bn"):
+            name, kind = owner
+            atoms = info[outs[0]].atoms
+            values = np.full(len(atoms), np.nan)
+            gone = removed_atom[atoms]
+            x = node.args[0].id if node.args and isinstance(node.args[0], Ref) else None
+            if x in const and np.isfinite(const[x]).all():  # every input a constant (a collapsed branch)
+                values = _module_response(graph.modules[name], const[x])
+                if values is not None:
+                    values = values.copy()
+                    values[gone] = np.nan
+            if values is None:
+                values = np.full(len(atoms), np.nan)
+            if kind == "bn" and betas and getattr(graph.modules[name].module, "bias", None) is not None:
+                beta = graph.modules[name].module.bias.detach().double().cpu().numpy()
+                values[gone] = beta[gone]
+            else:
+                values[gone] = 0.0
+            if gone.any() or np.isfinite(values).any():
+                const[outs[0]] = values
+            continue
+        ins = [v for v in node.refs() if v in const]
+        if not ins:
+            continue
+        if owner is not None:  # ResidualConstant: x + c
+            c = graph.modules[owner[0]].module.constant.detach().double().cpu().numpy()
+            const[outs[0]] = const[ins[0]] + c
+            continue
+        name = node.op[:-1] if node.op.endswith("_") and not node.op.endswith("__") else node.op
+        if name in _MOVES or (name == "cat" and all(
+                info[t.id].dim == info[outs[0]].dim for t in node.args[0] if t.id in info)):
+            by_atom = {}
+            for v in node.refs():
+                if v in info:
+                    c = const.get(v, np.full(len(info[v].atoms), np.nan))
+                    by_atom.update(zip(info[v].atoms.tolist(), c.tolist()))
+            for v in outs:
+                values = np.array([by_atom.get(a, np.nan) for a in info[v].atoms.tolist()])
+                if name == "sum":
+                    values = values * _reduced_size(cap, node)
+                if not np.isnan(values).all():
+                    const[v] = values
+        elif name in _ACTIVATIONS or name in _REDUCTIONS and name == "sum" or (
+                node.func is not None and torch.Tag.pointwise in node.func.tags):
+            values = _evaluate(graph, node, const, outs[0])
+            if values is not None and name != "sum":
+                const[outs[0]] = values
+            elif name == "sum" and ins:
+                v = node.args[0].id
+                if v in const:
+                    const[outs[0]] = const[v] * _reduced_size(cap, node)
+    return const
+
+
+def _reduced_size(cap, node):
+    x = node.args[0].id
+    shape = cap.shapes[x]
+    dims = node.args[1] if len(node.args) > 1 else None
+    dims = dims if isinstance(dims, (list, tuple)) else (dims,)
+    return math.prod(shape[_norm_dim(d, len(shape))] for d in dims)
+
+
+def _evaluate(graph, node, const, out):
+    """An element-wise op on the channels' constants (one value per channel, float64)."""
+    info, cap = graph.info, graph.capture
+    n = len(info[out].atoms)
+    args = []
+    for a in node.args:
+        if isinstance(a, Ref):
+            if a.id in info:
+                c = const.get(a.id)
+                if c is None or len(c) != n:
+                    if cap.shapes[a.id][info[a.id].dim] == 1:
+                        return None
+                    c = np.full(n, np.nan)
+                args.append(torch.from_numpy(c))
+            else:
+                t = cap.concrete.get(a.id)
+                if t is None:
+                    pv = _param_values(graph, a.id, n)
+                    if pv is None:
+                        return None
+                    args.append(pv)
+                elif t.numel() == 1:
+                    args.append(t.detach().double().reshape(()).cpu())
+                elif t.numel() == n:
+                    args.append(t.detach().double().reshape(-1).cpu())
+                else:
+                    return None
+        else:
+            args.append(a)
+    try:
+        r = node.func(*args, **{k: v for k, v in node.kwargs.items() if not isinstance(v, Ref)})
+    except Exception:
+        return None
+    r = r[0] if isinstance(r, (tuple, list)) else r
+    if not isinstance(r, torch.Tensor) or r.numel() != n:
+        return None
+    r = r.double().reshape(-1).numpy()
+    return None if np.isnan(r).all() else r
+
+
+def _param_values(graph, v, n):
+    """The values of a parameter seen through a view, one per channel."""
+    node = graph.capture.node_of(v)
+    for _ in range(8):
+        if node.op == "param":
+            t = graph.capture.concrete[node.outputs[0]]
+            return t.detach().double().reshape(-1).cpu() if t.numel() == n else None
+        if not node.args or not isinstance(node.args[0], Ref):
+            return None
+        node = graph.capture.node_of(node.args[0].id)
+    return None
+
+
+def _module_response(mc, c):
+    """What a conv, linear or BN outputs, per channel, for an input that is constant per channel
+    (None where it is not a constant: zero-padded convs change near the borders)."""
+    m = mc.module
+    x = torch.from_numpy(c)
+    with torch.no_grad():
+        if mc.kind == "linear":
+            w = m.weight.detach().double().cpu()
+            out = w @ x
+            return (out + m.bias.detach().double().cpu() if m.bias is not None else out).numpy()
+        if mc.kind in ("conv", "grouped_conv", "depthwise_conv"):
+            padding = m.padding
+            padded = padding == "same" or (not isinstance(padding, str) and any(p > 0 for p in padding))
+            if padded and m.padding_mode == "zeros" or "compensation" in m._buffers:
+                return None
+            w = m.weight.detach().double().cpu()
+            g = m.groups
+            per_input = w.flatten(2).sum(2)  # (out, in/groups): a constant plane meets the whole kernel
+            xs = x.reshape(g, -1)
+            out = torch.cat([per_input[k * (w.shape[0] // g):(k + 1) * (w.shape[0] // g)] @ xs[k] for k in range(g)])
+            return (out + m.bias.detach().double().cpu() if m.bias is not None else out).numpy()
+        if mc.kind == "bn" and isinstance(m, _BATCHNORMS) and m.running_mean is not None:
+            scale = (m.running_var.detach().double().cpu() + m.eps).rsqrt()
+            out = (x - m.running_mean.detach().double().cpu()) * scale
+            if m.weight is not None:
+                out = out * m.weight.detach().double().cpu() + m.bias.detach().double().cpu()
+            return out.numpy()
+    return None

@@ -378,8 +378,9 @@ class ResidualConstant(nn.Module):
         return f"{len(self.constant)} channels"
 
 
-# slimcore's module classes: the pruner's tracer keeps them as leaves, like torch.nn's own.
-LEAF_MODULES = (*SELECTED_BATCHNORM, *PLAIN_BATCHNORM, *PLAIN_CONV, ResidualConstant)
+# slimcore's pruning artefacts whose channel rules are known at module level: the pruner's capture
+# records each call as one node (their ATen ops would hide what the extra buffer is for).
+LEAF_MODULES = (*PLAIN_CONV, ResidualConstant)
 
 
 def set_compensation(conv, kernel):

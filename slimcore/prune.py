@@ -24,7 +24,7 @@ from torch import nn
 
 from . import ops
 from .criteria import CRITERIA, atom_scores
-from .graph import analyze
+from .graph import analyze, attribute_fixes, meta_copy, verify
 from .nn import ResidualConstant, set_compensation, set_input_selection
 from .profile import _as_tuple, count_params
 from .widths import LatencyTable, choose_widths
@@ -57,8 +57,10 @@ class PruneReport:
     seconds: float = 0.0
     dry_run: bool = False
     compensated: dict = field(default_factory=dict)  # consumer -> number of dropped inputs folded into its bias
-    compensation_max_error: float = 0.0  # |pruned - dense with removed channels at their constants|, on the
-    compensation_mean_error: float = 0.0  # example inputs (nonzero only at padded conv borders)
+    # |pruned - dense with removed channels at their constants| on the example inputs (nonzero only at
+    # padded conv borders); None when the constants came from the parameters (check_compensation=False)
+    compensation_max_error: float = 0.0
+    compensation_mean_error: float = 0.0
     collapsed: list = field(default_factory=list)  # residual blocks replaced by x + constant
     widths: list = field(default_factory=list)  # round_to="auto": per layer asked/chosen width and timings (ms)
     latency_check: dict = None  # round_to="auto": whole-model ms per candidate ("auto", "1", "8", ...) and the chosen one
@@ -67,6 +69,15 @@ class PruneReport:
     # going together) actually removed: min_channels, max_layer_ratio and round_to put channels
     # back, collapsed blocks and selection fixes take more.
     channels_removed_share: float = 0.0
+    # Coverage: conv/linear name -> (output channels that could be removed, output channels, whether
+    # a BN normalises them). The rest are frozen for the reasons in ``notes``.
+    prunable: dict = field(default_factory=dict)
+
+    @property
+    def prunable_share(self):
+        """Share of the conv/linear output channels that are prunable (not frozen)."""
+        total = sum(t for _, t, _ in self.prunable.values())
+        return sum(p for p, _, _ in self.prunable.values()) / total if total else 0.0
 
     @property
     def channels_removed(self):
@@ -81,6 +92,7 @@ class PruneReport:
             f"  params {self.params_before:,} -> {self.params_after:,} (-{p:.1f}%)",
             f"  FLOPs  {self.flops_before:,} -> {self.flops_after:,} (-{f:.1f}%)",
             f"  channels removed: {100 * self.channels_removed_share:.1f}% of the scored ones (ratio asked {self.ratio:g})",
+            f"  prunable: {100 * self.prunable_share:.1f}% of the conv/linear output channels (frozen: see notes)",
         ]
         shrunk = [(n, b, a) for n, (b, a) in self.channels.items() if a != b]
         lines.append(f"  {len(shrunk)} of {len(self.channels)} layers narrowed")
@@ -309,6 +321,8 @@ class ModulePlan:
     current_selection: np.ndarray = None  # selection BN: input channel of each output, now
     n_out: int = 0
     n_in: int = 0
+    attrs: tuple = ()  # bn: the tensors its op reads; channel_param: (attribute,)
+    dim: int = 0  # channel_param: the parameter's channel dimension
 
 
 def _plans(graph, kept_atom):
@@ -316,7 +330,7 @@ def _plans(graph, kept_atom):
     for mc in graph.modules.values():
         out_mask, in_mask = kept_atom[mc.out_atoms], kept_atom[mc.in_atoms]
         plan = ModulePlan(mc.name, mc.module, mc.kind, np.nonzero(out_mask)[0], np.nonzero(in_mask)[0],
-                          n_out=len(out_mask), n_in=len(in_mask))
+                          n_out=len(out_mask), n_in=len(in_mask), attrs=mc.attrs, dim=mc.dim)
         if mc.kind == "grouped_conv":
             local = in_mask.reshape(mc.module.groups, -1)
             assert (local == local[0]).all(), f"grouped conv '{mc.name}': groups disagree"
@@ -363,11 +377,17 @@ def _new_counts(plan, add_bias=False):
         return o, 1.0
     if plan.kind == "residual_constant":
         return 0, 1.0
+    if plan.kind == "channel_param":
+        p = getattr(m, plan.attrs[0])
+        return (o * (p.numel() // plan.n_out) if isinstance(p, nn.Parameter) else 0), 1.0
     raise AssertionError(plan.kind)
 
 
-def _own_params(m):
-    return sum(p.numel() for p in m.parameters(recurse=False))
+def _own_params(plan):
+    if plan.kind == "channel_param":
+        p = getattr(plan.module, plan.attrs[0])
+        return p.numel() if isinstance(p, nn.Parameter) else 0
+    return sum(p.numel() for p in plan.module.parameters(recurse=False))
 
 
 # ---------------------------------------------------------------------------------------- applying
@@ -380,6 +400,13 @@ def _index(idx, n, device):
 
 
 def _gather_tensor(t, out_idx, in_idx):
+    if t.is_meta:  # a data-less copy being checked (graph.verify): the shape is all there is
+        shape = list(t.shape)
+        if out_idx is not None:
+            shape[0] = len(out_idx)
+        if in_idx is not None:
+            shape[1] = len(in_idx)
+        return t.new_empty(shape)
     return ops.channel_gather_(t, out_idx, in_idx)
 
 
@@ -398,13 +425,18 @@ def _gather_param(module, name, out_idx, in_idx, optimizer):
         data = p.data
         p.data = _gather_tensor(data, out_idx, in_idx)
     else:
-        _gather_tensor(p, out_idx, in_idx)
+        new = _gather_tensor(p, out_idx, in_idx)
+        if new is not p:  # a meta copy's buffer: a new tensor
+            setattr(module, name, new)
 
 
 def _apply(plan, optimizer):
     m = plan.module
-    dev = m.weight.device if getattr(m, "weight", None) is not None else next(
-        (b.device for b in m.buffers()), torch.device("cpu"))
+    if plan.kind == "channel_param":
+        dev = getattr(m, plan.attrs[0]).device
+    else:
+        dev = m.weight.device if getattr(m, "weight", None) is not None else next(
+            (b.device for b in m.buffers()), torch.device("cpu"))
     out_idx = _index(plan.out_keep, plan.n_out, dev)
     in_idx = _index(plan.in_keep, plan.n_in, dev)
     if plan.kind in ("conv", "grouped_conv"):
@@ -423,12 +455,23 @@ def _apply(plan, optimizer):
         _gather_param(m, "bias", out_idx, None, optimizer)
         m.out_features, m.in_features = len(plan.out_keep), len(plan.in_keep)
     elif plan.kind in ("bn", "selection_bn"):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _gather_param(m, name, out_idx, None, optimizer)
-        m.num_features = len(plan.out_keep)
+        # what its batch-norm op reads (a BN wrapper may name them otherwise), and the usual four
+        for name in dict.fromkeys((*plan.attrs, "weight", "bias", "running_mean", "running_var")):
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == plan.n_out:
+                _gather_param(m, name, out_idx, None, optimizer)
+        if hasattr(m, "num_features"):
+            m.num_features = len(plan.out_keep)
         if plan.kind == "selection_bn":
             identity = np.array_equal(plan.selection, np.arange(len(plan.in_keep)))
-            set_input_selection(m, None if identity else torch.as_tensor(plan.selection))
+            set_input_selection(m, None if identity else torch.as_tensor(plan.selection, device=dev))
+    elif plan.kind == "channel_param":  # e.g. a layer scale: the channels sit in one dimension
+        if plan.dim == 0:
+            _gather_param(m, plan.attrs[0], out_idx, None, optimizer)
+        else:
+            _gather_param(m, plan.attrs[0], None, out_idx, optimizer)
+        if isinstance(m, nn.PReLU):
+            m.num_parameters = len(plan.out_keep)
     elif plan.kind == "prelu":
         _gather_param(m, "weight", out_idx, None, optimizer)
         m.num_parameters = len(plan.out_keep)
@@ -572,9 +615,122 @@ def _analysis(model, inputs, criterion, ignore, leaf_modules, history, seed, com
     """What prune() knows before it picks a ratio: the traced graph, the scored channel classes and
     the residual blocks that may collapse."""
     graph = analyze(model, inputs, ignore=_module_names(model, ignore), leaf_modules=leaf_modules)
-    classes = _Classes(graph, atom_scores(graph, criterion, history=history, seed=seed))
+    scores = atom_scores(graph, criterion, history=history, seed=seed)
+    classes = _Classes(graph, scores)
     blocks = _collapsible_blocks(graph, classes, compensate) if collapse_blocks else []
     return graph, classes, blocks
+
+
+def _module_of(plan):
+    """Name of the module a plan changes (a channel_param plan is named module.attribute)."""
+    return plan.name[: -len(plan.attrs[0])].rstrip(".") if plan.kind == "channel_param" else plan.name
+
+
+def _apply_to_copy(copy_model, graph, kept_atom, collapsed, fixes):
+    """Applies the plan to a data-less copy of the model: shapes and attributes only."""
+    plans = _plans(graph, kept_atom)
+    in_collapsed = _in_collapsed(plans, collapsed)
+    for plan in plans:
+        if _changes(plan) and plan.name not in in_collapsed:
+            plan.module = copy_model.get_submodule(_module_of(plan))
+            _apply(plan, None)
+    stream_of = {b.name: b.stream_atoms for b in graph.residual_blocks}
+    for name in collapsed:
+        parent, attr = parent_module(copy_model, name)
+        device = next(copy_model.get_submodule(name).parameters()).device
+        setattr(parent, attr, ResidualConstant(torch.zeros(int(kept_atom[stream_of[name]].sum()), device=device)))
+    for name, attr, _, new in fixes:
+        setattr(copy_model.get_submodule(name), attr, new)
+
+
+def _check_sizes(model, inputs, graph, kept_atom, collapsed, fixes):
+    """verify() on a pruned copy: on the meta device, or on uninitialised CPU memory where the
+    model's code needs real tensors (it reads values, or mixes its own tensors with the input's)."""
+    for device in ("meta", "cpu"):
+        copy_model = meta_copy(model, device)
+        _apply_to_copy(copy_model, graph, kept_atom, collapsed, fixes)
+        problems = verify(graph, copy_model, inputs, kept_atom, device)
+        if not problems or not problems[0].message.startswith("the pruned model does not run"):
+            break  # a run on meta tensors that fails may be the model's own (CPU) tensors meeting them
+    return problems, copy_model
+
+
+def _similar_fixes(copy_model, graph, kept_atom, found, fixes):
+    """The same attribute fixes at the other check nodes of modules of the same classes (a CSP
+    stage repeated five times has five splits sized by the same attribute): found in one run
+    instead of one run each."""
+    from .graph import size_changes
+
+    kinds = {(type(copy_model.get_submodule(name)), attr) for name, attr, _, _ in found}
+    extra = []
+    for i in graph.checks:
+        node = graph.capture.nodes[i]
+        if not node.stack:
+            continue
+        changes = size_changes(graph, node, kept_atom)
+        if not changes:
+            continue
+        for f in attribute_fixes(copy_model, node, changes):
+            if (type(copy_model.get_submodule(f[0])), f[1]) in kinds and f not in found and f not in fixes \
+                    and f not in extra:
+                extra.append(f)
+    return extra
+
+
+def _fit_sizes(model, inputs, graph, classes, blocks, decided, redecide):
+    """Checks that the pruned model's code produces the planned sizes where it writes sizes
+    (split sizes, slices, views: graph.checks). Where a module attribute holds an old size,
+    updating it is tried; otherwise the channels that node reads are frozen and the decision is
+    made again. Returns (classes, blocks, (removed, threshold, collapsed), attribute fixes)."""
+    fixes, problems = [], None
+    for _ in range(32):
+        kept_atom = ~decided[0][classes.of_atom]
+        if problems is None:
+            problems, copy_model = _check_sizes(model, inputs, graph, kept_atom, decided[2], fixes)
+        if not problems:
+            return classes, blocks, decided, fixes
+        new = []  # attribute fixes for every mismatch at once, kept where they help
+        for problem in problems:
+            if problem.node is not None and problem.changes:
+                new += [f for f in attribute_fixes(copy_model, problem.node, problem.changes)
+                        if f not in fixes and f not in new]
+        if new:
+            new += _similar_fixes(copy_model, graph, kept_atom, new, fixes)
+            again, again_model = _check_sizes(model, inputs, graph, kept_atom, decided[2], fixes + new)
+            if len(again) < len(problems) or (again and again[0].node is not problems[0].node):
+                fixes += new
+                problems, copy_model = again, again_model
+                continue
+        problem = problems[0]
+        nodes = [problem.node] if problem.node is not None else [graph.capture.nodes[i] for i in
+                                                                 (problem.unverified or graph.checks)]
+        frozen_before = int(graph.frozen.sum())
+        for node in nodes:
+            where = f"'{node.stack[-1]}'" if node.stack else "the model's forward"
+            for v in node.refs():
+                inf = graph.info.get(v)
+                if inf is not None:
+                    graph.freeze(inf.atoms, f"sizes written in the model's code (aten.{node.op})", where)
+        if int(graph.frozen.sum()) == frozen_before and problem.node is not None:
+            # The size came from elsewhere (e.g. view(B, C, H, W) with C of the module's input):
+            # freeze the inputs of the module calls around the node, innermost first.
+            cap = graph.capture
+            for name in reversed(problem.node.stack):
+                for call in cap.calls:
+                    if call.name == name and call.start <= problem.node.index < call.end:
+                        for v in call.inputs:
+                            inf = graph.info.get(v) if v is not None else None
+                            if inf is not None:
+                                graph.freeze(inf.atoms, "sizes written in the model's code (from a module's input)",
+                                             f"'{name}'")
+                if int(graph.frozen.sum()) != frozen_before:
+                    break
+        if int(graph.frozen.sum()) == frozen_before:
+            raise RuntimeError(f"slimcore.prune: the pruned model would not run as planned: {problem.message}")
+        classes, blocks = redecide(None)
+        decided = redecide(classes, blocks)
+        fixes, problems = [], None  # found again for the new decision
+    raise RuntimeError("slimcore.prune: the pruned model's sizes could not be made to follow the plan")
 
 
 def _in_collapsed(plans, collapsed):
@@ -596,7 +752,7 @@ def _flops_after(graph, plans, collapsed, in_collapsed):
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
           history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True,
-          deploy=None):
+          deploy=None, check_compensation=False):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -649,6 +805,11 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             and returning the model as it will run, e.g. one that calls ``slimcore.fold_bn(m, x)``
             and returns ``m``; the check then times deployed models (widths that win as pruned
             can lose once BN is folded). Default: timed as pruned.
+        check_compensation: measure the constants with a forward pass of the dense model instead of
+            deriving them from the BN parameters through the captured graph, and measure the pruned
+            model's deviation from it (``report.compensation_max_error``; ``None`` when not measured).
+            The derivation falls back to the measured run by itself where it cannot tell a constant
+            (zero-padded averages, ops it cannot evaluate).
     """
     start = time.perf_counter()
     _check_args(ratio, criterion, scope, round_to, min_channels)
@@ -675,6 +836,19 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         if latency_check["chosen"] != "auto":
             removed, threshold, collapsed = decide(classes, ratio, scope, int(latency_check["chosen"]), min_channels,
                                                    max_layer_ratio, blocks, None)
+    fixes = []
+    if graph.checks:
+        scores = atom_scores(graph, criterion, history=history, seed=seed)
+
+        def redecide(classes, blocks=None):
+            if classes is None:  # more channels frozen: classes and blocks again
+                classes = _Classes(graph, scores)
+                return classes, _collapsible_blocks(graph, classes, compensate) if collapse_blocks else []
+            return decide(classes, ratio, scope, 1 if round_to == "auto" else round_to, min_channels,
+                          max_layer_ratio, blocks, None)
+
+        classes, blocks, (removed, threshold, collapsed), fixes = _fit_sizes(
+            model, inputs, graph, classes, blocks, (removed, threshold, collapsed), redecide)
     kept_atom = ~removed[classes.of_atom]
     plans = _plans(graph, kept_atom)
     in_collapsed = _in_collapsed(plans, collapsed)
@@ -682,7 +856,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
 
     channels, removed_idx = {}, {}
     for plan in plans:
-        if plan.kind in ("prelu", "residual_constant"):
+        if plan.kind in ("prelu", "residual_constant", "channel_param"):
             continue
         # Modules of a collapsed block disappear: 0 channels left.
         channels[plan.name] = (plan.n_out, 0 if plan.name in in_collapsed else len(plan.out_keep))
@@ -698,8 +872,13 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         consumers = [(plan, _removed_inputs(plan)) for plan in plans
                      if plan.kind in ("conv", "grouped_conv", "linear") and len(plan.in_keep) < plan.n_in
                      and len(plan.out_keep) > 0 and plan.name not in in_collapsed] if compensate else []
-        target, captured, block_constants = _constant_run(model, inputs, removed_idx, consumers, collapsed,
-                                                          betas=compensate)
+        symbolic = None if check_compensation else _symbolic_constants(
+            graph, kept_atom, consumers, collapsed, betas=compensate)
+        if symbolic is not None:  # known from the parameters: no forward pass needed
+            captured, block_constants = symbolic
+        else:  # measured: one forward with the removed channels held at their constants
+            target, captured, block_constants = _constant_run(model, inputs, removed_idx, consumers, collapsed,
+                                                              betas=compensate)
         for plan, gone in consumers:
             constant, _ = captured.get(plan.name, (None, 0.0))
             if constant is not None and bool(constant.abs().gt(0).any()):
@@ -716,9 +895,9 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             continue
         add_bias = (plan.name in deltas and getattr(plan.module, "bias", None) is None
                     and (plan.kind == "linear" or not _needs_map(plan.module)))
-        params_after += _new_counts(plan, add_bias)[0] - _own_params(plan.module)
+        params_after += _new_counts(plan, add_bias)[0] - _own_params(plan)
 
-    max_error = mean_error = 0.0
+    max_error = mean_error = None if target is None and deltas else 0.0
     if not dry_run:
         with torch.no_grad():
             for plan in plans:
@@ -727,6 +906,9 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             for plan in plans:
                 if _changes(plan) and plan.name not in in_collapsed:
                     _apply(plan, optimizer)
+            for name, attr, _, new in fixes:
+                setattr(model.get_submodule(name), attr, new)
+            fixes += _head_width_fixes(model, plans)
             for name in collapsed:
                 keep = torch.as_tensor(np.flatnonzero(kept_atom[stream_of[name]]), dtype=torch.long)
                 constant = block_constants[name][keep].to(next(model.get_submodule(name).parameters()).dtype)
@@ -735,11 +917,17 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             if target is not None and compensate:
                 was_training = model.training
                 model.eval()
-                diff = (model(*inputs) - target).abs()
+                diffs = [(a - b).abs().flatten() for a, b in zip(_tensors(model(*inputs)), _tensors(target))]
                 model.train(was_training)
+                diff = torch.cat(diffs) if diffs else torch.zeros(1)
                 max_error, mean_error = float(diff.max()), float(diff.mean())
     share_removed = _removed_share(classes, removed)
-    notes = list(graph.notes)
+    normalised = {mc.producer for mc in graph.modules.values() if mc.kind == "bn" and mc.producer}
+    prunable = {mc.name: (int((~classes.frozen[classes.of_atom[mc.out_atoms]]).sum()), len(mc.out_atoms),
+                          mc.name in normalised)
+                for mc in graph.modules.values() if mc.kind in ("conv", "grouped_conv", "depthwise_conv", "linear")}
+    notes = list(graph.notes) + [f"set {name or 'model'}.{attr} = {new} (was {old}): the code sizes a split/slice/view"
+                                 " or a new head with it" for name, attr, old, new in fixes]
     unscored = int((~classes.frozen & ~np.isfinite(classes.score)).sum())
     if unscored:
         notes.append(f"{unscored} channel groups have no {criterion} score (e.g. no BatchNorm reads them) and stay")
@@ -759,8 +947,66 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                      for name in deltas},
         compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed,
         widths=[c.as_dict() for c in width_choices], latency_check=latency_check,
-        channels_removed_share=share_removed,
+        channels_removed_share=share_removed, prunable=prunable,
     )
+
+
+# Model attributes that libraries read to build a new head (timm's reset_classifier).
+_HEAD_WIDTH_ATTRS = ("num_features", "head_hidden_size")
+
+
+def _head_width_fixes(model, plans):
+    """Sets the model's own feature-width attributes (timm: num_features) to the pruned width of
+    the classifier's input, when they held its old width. Returns the changes made."""
+    changed = []
+    for plan in plans:
+        if plan.kind != "linear" or len(plan.in_keep) == plan.n_in:
+            continue
+        for attr in _HEAD_WIDTH_ATTRS:
+            value = getattr(model, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value == plan.n_in:
+                setattr(model, attr, len(plan.in_keep))
+                changed.append(("", attr, value, len(plan.in_keep)))
+    return changed
+
+
+def _tensors(out):
+    """The tensors of a model's output (a tensor, or tuples/lists/dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for a in out for t in _tensors(a)]
+    return []
+
+
+def _symbolic_constants(graph, kept_atom, consumers, collapsed, betas):
+    """What _constant_run measures, derived from the capture (graph.constants): ({consumer: (the
+    constant of each dropped input, 0.0)}, {collapsed block: its branch's constant per channel});
+    None when some needed constant is not known that way."""
+    from .graph import constants
+
+    const = constants(graph, ~kept_atom, betas=betas)
+    captured = {}
+    for plan, gone in consumers:
+        values = [const.get(x) for x in graph.reads.get(plan.name, ())]
+        if not values or any(v is None for v in values):
+            return None
+        first = values[0][gone]
+        if not np.isfinite(first).all() or any(not np.array_equal(v[gone], first) for v in values[1:]):
+            return None
+        captured[plan.name] = (torch.from_numpy(first), 0.0)
+    blocks = {}
+    stream_of = {b.name: b for b in graph.residual_blocks}
+    for name in collapsed:
+        block = stream_of[name]
+        values = const.get(block.branch)
+        keep = kept_atom[block.stream_atoms]
+        if values is None or not np.isfinite(values[keep]).all():
+            return None
+        blocks[name] = torch.from_numpy(np.nan_to_num(values))
+    return captured, blocks
 
 
 def _removed_share(classes, removed):

@@ -61,14 +61,17 @@ def test_removing_dead_channels_is_exact(name, build, shape):
     x = torch.randn(shape)
     model = kill_classes(randomize_batchnorms(build()).eval(), x)
     dense = copy.deepcopy(model)
-    uncompensated = copy.deepcopy(model)
-    report = slimcore.prune(model, x, ratio=0.3)
+    uncompensated, measured = copy.deepcopy(model), copy.deepcopy(model)
+    report = slimcore.prune(model, x, ratio=0.3)  # constants derived from the BN parameters
+    measured_report = slimcore.prune(measured, x, ratio=0.3, check_compensation=True)  # ... and measured
     slimcore.prune(uncompensated, x, ratio=0.3, compensate=False)
     with torch.no_grad():
         scale = float(dense(x).abs().max())
     assert report.compensated, "dead channels with nonzero beta must be compensated"
+    assert report.compensated == measured_report.compensated
     assert max_error(model, dense, x) <= 1e-5 * max(scale, 1.0)
-    assert report.compensation_max_error <= 1e-5 * max(scale, 1.0)
+    assert max_error(measured, dense, x) <= 1e-5 * max(scale, 1.0)
+    assert measured_report.compensation_max_error <= 1e-5 * max(scale, 1.0)
     assert max_error(uncompensated, dense, x) > 1e-3 * scale  # without it the function changes
     assert (report.flops_after, report.params_after) == slimcore.profile(model, x)
 

@@ -201,31 +201,52 @@ def test_pruned_model_scripts_traces_and_exports():
         torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), want)
 
 
-def test_untraceable_model_gets_a_clear_error():
-    class DataDependent(nn.Module):
+class DataDependent(nn.Module):
+    """Python control flow on a tensor's value: torch.fx cannot trace it; the capture runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+class Wrapper(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean((2, 3)))
+
+
+def test_control_flow_on_values_is_captured_and_pruned():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(Wrapper(DataDependent())).eval()
+    x = torch.randn(2, 3, 16, 16)
+    report = check_prune(model, x, ratio=0.5)
+    assert report.channels["block.conv"] == (8, 4)
+
+
+def test_a_model_that_does_not_run_gets_a_clear_error():
+    class Broken(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 3)
-            self.bn = nn.BatchNorm2d(8)
 
         def forward(self, x):
-            y = self.bn(self.conv(x))
-            return y if y.sum() > 0 else -y
+            y = self.conv(x)
+            return y.view(y.shape[0], 7, -1)  # 8 channels do not split into 7
 
-    class Wrapper(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = DataDependent()
-            self.head = nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.head(self.block(x).mean((2, 3)))
-
-    model = Wrapper()
+    model = Wrapper(Broken())
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(slimcore.TraceFailure, match=r"(?s)while tracing submodule 'block'.*leaf_modules"):
+    with pytest.raises(slimcore.TraceFailure, match=r"(?s)could not capture Wrapper.*test_prune.py:\d+: return y.view"):
         slimcore.prune(model, x)
-    report = slimcore.prune(model, x, leaf_modules=[model.block])  # opaque leaf: its channels stay
+    report = slimcore.prune(Wrapper(DataDependent()), x, leaf_modules=[DataDependent])  # opaque leaf
     assert report.removed == {}
 
 
