@@ -756,7 +756,8 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
-        model: any model torch.fx can trace (see ``leaf_modules``).
+        model: any model that runs on ``example_inputs`` (it is captured once at the ATen level;
+            see slimcore/graph.py for the channel rules).
         example_inputs: a tensor or a tuple of positional inputs, used once for shapes.
         ratio: share of prunable channels to remove, in [0, 1). Each produced (conv/linear
             output) or selected (selection BN output) channel counts once; coupled channels go
@@ -792,7 +793,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         dry_run: only compute the report.
         history: a ``slimcore.FilterHistory`` for criterion "hbfp".
         seed: for criterion "random".
-        leaf_modules: submodules or classes torch.fx must not trace into; their channels stay.
+        leaf_modules: submodules or classes recorded as one opaque op each; their channels stay.
         device: where round_to="auto" times layers (default: the model's device), at the model's
             dtype and example_inputs' batch size.
         latency_table: a ``slimcore.widths.LatencyTable`` for round_to="auto" (its own device,
