@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "../batch_norm_args.h"
+#include "cost_model.h"
 
 #ifndef SLIMCORE_BN_ISA
 #error "define SLIMCORE_BN_ISA before including batch_norm_kernel.h"
@@ -84,8 +85,11 @@ constexpr int64_t kMaxRun = 16384;
 constexpr int64_t kMaxColumns = 16384;
 // The columns transform folds the mean into the shift when |mean| / std <= this for every channel.
 constexpr double kFoldedMeanLimit = 16.0;
-// Elements per task below which a loop stays on one thread (ATen's elementwise grain).
-constexpr int64_t kGrain = 32768;
+// Elements per task (cost_model.h): a BN pass reads and writes each element once or twice,
+// about this many ns per element on one core; smaller work stays on one thread.
+constexpr double kBatchNormNsPerElement = 0.5;
+
+inline int64_t bn_grain() { return cpu::grain_for(kBatchNormNsPerElement); }
 
 // ---------------------------------------------------------------------------------- span sums
 // `omp simd reduction` lets GCC keep one vector of partial sums per reduction (no -ffast-math
@@ -338,8 +342,8 @@ Traversal traversal_of(const BNShape& s) {
 
 // Row ranges of the columns traversal: one per thread when there is enough work.
 int64_t column_tasks(const Traversal& t) {
-  if (t.R * t.W < 2 * kGrain) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.R));
+  const int64_t by_work = t.R * t.W / bn_grain();  // each task at least one grain of work
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), t.R, by_work}));
 }
 
 // Per-channel (mean, biased variance) of a columns traversal, in float64.
@@ -505,7 +509,7 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
   }
   const Traversal t = traversal_of(s);
   if (t.walk == Walk::Planes) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, count));
+    const int64_t grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, count));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double mean, var;
@@ -541,7 +545,7 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
     }
   }
   for (int64_t c = 0; c < C; ++c) finish_channel(c, mean[c], var[c]);
-  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, t.W));
+  const int64_t row_grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, t.W));
   if (t.walk == Walk::Runs) {  // each run with its channel's scalars: y = (x - m) * k + b, exact for any mean
     std::vector<acc_t> ck(C);
     for (int64_t c = 0; c < C; ++c) ck[c] = gamma[c] * sinvstd[c];
@@ -632,7 +636,7 @@ void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Ten
 
   const Traversal t = traversal_of(s);
   if (t.walk == Walk::Planes) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.count()));
+    const int64_t grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, s.count()));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const acc_t m = mean[c];
@@ -657,7 +661,7 @@ void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Ten
     return;
   }
 
-  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, t.W));
+  const int64_t row_grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, t.W));
   if (t.walk == Walk::Runs) {
     // Per-task sums per channel (vector sums over a block of rows, then float64), then grad_input run by
     // run with the channel's scalar coefficients.
