@@ -1,5 +1,6 @@
 """Atomic checkpoint writes and safe loads."""
 
+import copy
 import glob
 import os
 import pickle
@@ -23,8 +24,14 @@ def _compact(obj):
             return obj.clone()
         return obj
     if isinstance(obj, dict):
-        return type(obj)((k, _compact(v)) for k, v in obj.items()) if type(obj) is not dict else \
-            {k: _compact(v) for k, v in obj.items()}
+        if type(obj) is dict:
+            return {k: _compact(v) for k, v in obj.items()}
+        # A dict subclass keeps its type and attributes (OrderedDict, defaultdict's factory);
+        # type(obj)(pairs) would count the pairs into a Counter (MultiStepLR's milestones).
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = _compact(v)
+        return out
     if isinstance(obj, list):
         return [_compact(v) for v in obj]
     if isinstance(obj, tuple):
