@@ -609,7 +609,8 @@ def _warn_unpassed_optimizers(model, plans, optimizer):
         return
     stale = []
     for obj in gc.get_objects():  # optimizers are not registered anywhere; prune is a one-off
-        if isinstance(obj, torch.optim.Optimizer) and obj is not optimizer:
+        # type(obj): isinstance would read __class__, which some lazy module proxies warn about
+        if issubclass(type(obj), torch.optim.Optimizer) and obj is not optimizer:
             if any(id(p) in resized and state for p, state in obj.state.items()):
                 stale.append(type(obj).__name__)
     if stale:
