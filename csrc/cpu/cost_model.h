@@ -5,9 +5,9 @@
 // and the caller waits for it: a 20 us penalty step split in two at ATen's elementwise grain
 // (32,768 elements) took 1.5 ms with the other core busy. So each task gets at least
 // min_task_ns() of estimated work, and an op cheaper than two such tasks runs on the calling
-// thread. The per-element costs below were measured on one core of a 2-core AVX-512 Xeon
-// (benchmarks/kernels.py, bn and gather benchmarks); they only need to be right to a factor of
-// ~2, since they set a minimum task size, not a schedule.
+// thread. The per-element costs (penalty_cost.h, the BN and gather kernels) are rough
+// single-core estimates from the benchmarks' times on a 2-core Xeon; they only need to be right
+// to a factor of ~2, since they set a minimum task size, not a schedule.
 #pragma once
 
 #include <algorithm>

@@ -1,6 +1,6 @@
-// Estimated single-thread cost per element of the penalty ops, for cost_model.h's task size.
-// Measured with float32 weights on one core (benchmarks/kernels.py); double costs about the same
-// (memory traffic is tiny, the math is done in float32/float64 either way).
+// Estimated single-thread cost per element of the penalty ops, for cost_model.h's task size
+// (rough: a sign or a threshold is ~0.5 ns, pow/arccos tens to hundreds; double costs about the
+// same, the math is done in float32/float64 either way).
 #pragma once
 
 #include "../penalties.h"
