@@ -120,3 +120,39 @@ def write_json(path, payload):
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
+
+
+_HOG = "import time\nend = time.time() + {seconds}\nx = 0\nwhile time.time() < end:\n    x += 1\n"
+
+
+class Hog:
+    """``--busy``: CPU-burning processes on the other cores while timing, as data-loader workers
+    keep every core busy during training. Bounded: each process stops by itself after
+    ``max_seconds`` even if this one dies, and is killed when the block exits."""
+
+    def __init__(self, processes=None, max_seconds=1800):
+        self.n = processes if processes is not None else max(1, (os.cpu_count() or 2) - 1)
+        self.max_seconds = max_seconds
+        self.procs = []
+
+    def __enter__(self):
+        code = _HOG.format(seconds=self.max_seconds)
+        self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.n)]
+        time.sleep(0.3)  # let them start spinning
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+
+
+def idle_and_busy(measure, busy, hog_processes=None):
+    """(idle result, busy result or None): ``measure()`` run as is, then with a :class:`Hog`."""
+    idle = measure()
+    if not busy:
+        return idle, None
+    with Hog(hog_processes):
+        return idle, measure()

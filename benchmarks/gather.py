@@ -24,6 +24,9 @@ Results go to benchmarks/results/gather-<device>.json (or --out).
 
     python benchmarks/gather.py                 # CPU (and CUDA if visible), all shapes
     python benchmarks/gather.py --device cpu --shapes 512x512x3x3 --threads 1
+
+--busy times every shape twice, idle and with a CPU-burning process on each other core; results
+(with busy / idle per candidate) go to gather-<device>-busy.json.
 """
 
 import argparse
@@ -33,7 +36,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, device_name, environment, interleaved, selected_devices, warn_if_reference, write_json  # noqa: E402
+from _common import (RESULTS, device_name, environment, idle_and_busy, interleaved, selected_devices,  # noqa: E402
+                     warn_if_reference, write_json)
 
 from slimcore import ops  # noqa: E402
 
@@ -78,6 +82,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=11, help="interleaved timing rounds")
     parser.add_argument("--round-seconds", type=float, default=0.05, help="time per candidate per round")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gather-<device>.json)")
+    parser.add_argument("--busy", action="store_true",
+                        help="CPU: also time every shape with a CPU-burning process on each other core")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -101,7 +107,9 @@ def main(argv=None):
             i = kept_indices(shape[1], args.keep, g, device)
             check_agreement(weight, o, i)
             cands = candidates(weight, o, i)
-            times = interleaved(cands, device, args.repeats, args.round_seconds, warmup_calls=3, min_calls=1)
+            times, busy = idle_and_busy(
+                lambda: interleaved(cands, device, args.repeats, args.round_seconds, warmup_calls=3, min_calls=1),
+                args.busy and dev == "cpu")
             out_bytes = o.numel() * i.numel() * weight[0, 0].numel() * weight.element_size()
             moved = 2 * out_bytes
             gbps = {k: moved / (v[0] * 1e-6) / 1e9 for k, v in times.items()}
@@ -110,16 +118,27 @@ def main(argv=None):
             cells = " ".join(f"{times[n][0]:>9.1f} ({times[n][1]:>6.1f}) {gbps[n]:>5.1f}" for n in names)
             print(f"{spec:<14} {weight.numel() * weight.element_size() / 1e6:>7.1f} {cells} "
                   f"{speedup:>7.2f}x {speedup_in_place:>18.2f}x")
-            records.append(dict(
+            record = dict(
                 shape=list(shape), keep=args.keep, dtype="float32", out_shape=[o.numel(), i.numel(), *shape[2:]],
                 bytes_moved=moved, median_us={k: v[0] for k, v in times.items()},
                 iqr_us={k: v[1] for k, v in times.items()}, gb_per_s=gbps,
                 speedup_vs_index_select=speedup, speedup_in_place_vs_index_select=speedup_in_place,
-            ))
+            )
+            if busy is not None:
+                record["busy"] = dict(median_us={k: v[0] for k, v in busy.items()},
+                                      iqr_us={k: v[1] for k, v in busy.items()},
+                                      busy_over_idle={k: busy[k][0] / times[k][0] for k in times},
+                                      speedup_vs_index_select=busy["index_select x2"][0] / busy["channel_gather"][0])
+                cells = " ".join(f"{busy[n][0]:>9.1f} ({busy[n][1]:>6.1f}) {'':>5}" for n in names)
+                print(f"{'  busy':<14} {'':>7} {cells} {record['busy']['speedup_vs_index_select']:>7.2f}x   busy/idle: "
+                      + ", ".join(f"{n} {record['busy']['busy_over_idle'][n]:.2f}x" for n in names))
+            records.append(record)
             del cands, weight
-        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"gather-{dev}.json")
+        suffix = "-busy" if args.busy and dev == "cpu" else ""
+        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"gather-{dev}{suffix}.json")
         write_json(out, dict(
-            benchmark="gather", **environment(device), repeats=args.repeats, keep=args.keep,
+            benchmark="gather", **environment(device), busy=bool(suffix), repeats=args.repeats, keep=args.keep,
+            min_task_us=os.environ.get("SLIMCORE_CPU_MIN_TASK_US", "default"),
             target="channel_gather >= 1.5x index_select x2 on CPU",
             records=records,
         ))

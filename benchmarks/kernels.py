@@ -24,6 +24,12 @@ channels_last, float32 and bfloat16. Results go to benchmarks/results/bn-<device
 
     python benchmarks/kernels.py --bn --device cpu
     python benchmarks/kernels.py --bn --device cuda --bn-models resnet50 --bn-dtypes bfloat16
+
+--busy measures every row twice: idle, then with a CPU-burning process on each other core (what
+data-loader workers do during training); the busy times, and busy / idle per candidate, go to
+kernels-<device>-busy.json or bn-<device>-busy.json.
+
+    python benchmarks/kernels.py --device cpu --threads 2 --busy
 """
 
 import argparse
@@ -37,7 +43,8 @@ from torch import nn
 import slimcore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, device_name, environment, interleaved, selected_devices, warn_if_reference, write_json  # noqa: E402
+from _common import (RESULTS, device_name, environment, idle_and_busy, interleaved, selected_devices,  # noqa: E402
+                     warn_if_reference, write_json)
 
 LAM = 1e-4  # the paper's lambda for VGG
 MU = 1e-3  # a proximal step: lr 0.1 * lam 1e-2
@@ -274,13 +281,15 @@ def bn_main(args):
                 for dtype_name in args.bn_dtypes.split(","):
                     dtype = BN_DTYPES[dtype_name]
                     key = (model_name, fmt, dtype_name)
-                    totals[key] = [0.0, 0.0]
+                    totals[key] = [0.0, 0.0, 0.0, 0.0]  # idle nn, slim; busy nn, slim
                     for shape, count in shapes.items():
                         fns, state = bn_candidates(shape, fmt, dtype, device)
                         bn_check(state, device)
                         big = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() > 8 << 20
-                        times = interleaved(fns, device, args.bn_repeats, args.round_seconds * (4 if big else 1),
-                                            warmup_calls=3 if dev == "cpu" else 20, min_calls=2)
+                        times, busy = idle_and_busy(
+                            lambda: interleaved(fns, device, args.bn_repeats, args.round_seconds * (4 if big else 1),
+                                                warmup_calls=3 if dev == "cpu" else 20, min_calls=2),
+                            args.busy and dev == "cpu")
                         t_nn, t_slim = times["nn + step"][0], times["slimcore"][0]
                         nbytes = 5 * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
                         totals[key][0] += count * t_nn
@@ -289,21 +298,39 @@ def bn_main(args):
                         cells = " ".join(f"{m:>9.1f} ({q:>5.1f})" for m, q in times.values())
                         print(f"{model_name:<10} {label:<24} {fmt:<13} {dtype_name:<8} {cells} {t_slim / t_nn:>6.2f} "
                               f"{nbytes / t_nn / 1e3:>8.1f} {nbytes / t_slim / 1e3:>9.1f}", flush=True)
-                        records.append(dict(
+                        record = dict(
                             model=model_name, shape=list(shape), layers=count, format=fmt, dtype=dtype_name,
                             median_us={k: v[0] for k, v in times.items()}, iqr_us={k: v[1] for k, v in times.items()},
                             ratio=t_slim / t_nn, bytes=nbytes, gbps_nn=nbytes / t_nn / 1e3,
                             gbps_slimcore=nbytes / t_slim / 1e3,
-                        ))
+                        )
+                        if busy is not None:
+                            b_nn, b_slim = busy["nn + step"][0], busy["slimcore"][0]
+                            totals[key][2] += count * b_nn
+                            totals[key][3] += count * b_slim
+                            record["busy"] = dict(median_us={k: v[0] for k, v in busy.items()},
+                                                  iqr_us={k: v[1] for k, v in busy.items()}, ratio=b_slim / b_nn,
+                                                  busy_over_idle={k: busy[k][0] / times[k][0] for k in times})
+                            print(f"{'':<10} {'busy':<24} {fmt:<13} {dtype_name:<8} "
+                                  + " ".join(f"{m:>9.1f} ({q:>5.1f})" for m, q in busy.values())
+                                  + f" {b_slim / b_nn:>6.2f}   busy/idle slimcore {b_slim / t_slim:.2f}x", flush=True)
+                        records.append(record)
         print("\nper model, all BatchNorm layers (sum of count x median):")
         summary = []
-        for (model_name, fmt, dtype_name), (t_nn, t_slim) in totals.items():
+        for (model_name, fmt, dtype_name), (t_nn, t_slim, b_nn, b_slim) in totals.items():
+            busy_text = f"  busy: {b_nn / 1e3:9.2f} ms / {b_slim / 1e3:9.2f} ms" if b_slim else ""
             print(f"  {model_name:<10} {fmt:<13} {dtype_name:<8} nn + step {t_nn / 1e3:9.2f} ms  slimcore "
-                  f"{t_slim / 1e3:9.2f} ms  ratio {t_slim / t_nn:.2f}")
-            summary.append(dict(model=model_name, format=fmt, dtype=dtype_name, total_us_nn=t_nn,
-                                total_us_slimcore=t_slim, ratio=t_slim / t_nn))
-        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"bn-{dev}.json")
+                  f"{t_slim / 1e3:9.2f} ms  ratio {t_slim / t_nn:.2f}{busy_text}")
+            entry = dict(model=model_name, format=fmt, dtype=dtype_name, total_us_nn=t_nn,
+                         total_us_slimcore=t_slim, ratio=t_slim / t_nn)
+            if b_slim:
+                entry["busy"] = dict(total_us_nn=b_nn, total_us_slimcore=b_slim, ratio=b_slim / b_nn,
+                                     slimcore_busy_over_idle=b_slim / t_slim, nn_busy_over_idle=b_nn / t_nn)
+            summary.append(entry)
+        suffix = "-busy" if args.busy and dev == "cpu" else ""
+        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"bn-{dev}{suffix}.json")
         write_json(out, dict(benchmark="bn", **environment(device), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                             busy=bool(suffix), min_task_us=os.environ.get("SLIMCORE_CPU_MIN_TASK_US", "default"),
                              repeats=args.bn_repeats, lam=LAM, records=records, summary=summary))
         print(f"wrote {out}")
 
@@ -324,6 +351,8 @@ def main(argv=None):
     parser.add_argument("--bn-formats", default="nchw,channels_last")
     parser.add_argument("--bn-dtypes", default="float32,bfloat16")
     parser.add_argument("--bn-repeats", type=int, default=5, help="interleaved timing rounds (--bn)")
+    parser.add_argument("--busy", action="store_true",
+                        help="CPU: also time every row with a CPU-burning process on each other core")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -353,19 +382,35 @@ def main(argv=None):
                         continue
                     fns = candidates(model, mode, penalty)
                     check_agreement(model, fns, mode)
-                    times = interleaved(fns, device, args.repeats, args.round_seconds)
-                    speedup_eager = times["eager loop"][0] / times["slimcore"][0]
-                    speedup_foreach = times["foreach"][0] / times["slimcore"][0]
-                    cells = " ".join(f"{m:>8.1f} ({q:>4.1f})" for m, q in times.values())
-                    print(f"{model_name:<12} {len(weights):>9} {channels:>8}  {penalty + ' ' + mode:<16} {cells} "
-                          f"{speedup_eager:>11.1f}x {speedup_foreach:>8.1f}x")
-                    records.append(dict(
+                    times, busy = idle_and_busy(lambda: interleaved(fns, device, args.repeats, args.round_seconds),
+                                                args.busy and dev == "cpu")
+                    for label, t in (("", times), ("busy", busy)):
+                        if t is None:
+                            continue
+                        speedup_eager = t["eager loop"][0] / t["slimcore"][0]
+                        speedup_foreach = t["foreach"][0] / t["slimcore"][0]
+                        cells = " ".join(f"{m:>8.1f} ({q:>4.1f})" for m, q in t.values())
+                        step = (penalty + " " + mode + (" busy" if label else ""))
+                        print(f"{model_name:<12} {len(weights):>9} {channels:>8}  {step:<16} {cells} "
+                              f"{speedup_eager:>11.1f}x {speedup_foreach:>8.1f}x")
+                    record = dict(
                         model=model_name, bn_layers=len(weights), channels=channels, mode=mode, penalty=penalty,
                         median_us={k: v[0] for k, v in times.items()}, iqr_us={k: v[1] for k, v in times.items()},
-                        speedup_vs_eager_loop=speedup_eager, speedup_vs_foreach=speedup_foreach,
-                    ))
-        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"kernels-{dev}.json")
-        write_json(out, dict(benchmark="kernels", **environment(device), repeats=args.repeats, records=records))
+                        speedup_vs_eager_loop=times["eager loop"][0] / times["slimcore"][0],
+                        speedup_vs_foreach=times["foreach"][0] / times["slimcore"][0],
+                    )
+                    if busy is not None:
+                        record["busy"] = dict(
+                            median_us={k: v[0] for k, v in busy.items()}, iqr_us={k: v[1] for k, v in busy.items()},
+                            busy_over_idle={k: busy[k][0] / times[k][0] for k in times},
+                            speedup_vs_foreach=busy["foreach"][0] / busy["slimcore"][0])
+                        print(f"{'':<12} busy / idle: slimcore {record['busy']['busy_over_idle']['slimcore']:.2f}x, "
+                              f"foreach {record['busy']['busy_over_idle']['foreach']:.2f}x")
+                    records.append(record)
+        suffix = "-busy" if args.busy and dev == "cpu" else ""
+        out = args.out if args.out and len(devices) == 1 else os.path.join(RESULTS, f"kernels-{dev}{suffix}.json")
+        write_json(out, dict(benchmark="kernels", **environment(device), busy=bool(suffix), repeats=args.repeats,
+                             min_task_us=os.environ.get("SLIMCORE_CPU_MIN_TASK_US", "default"), records=records))
         print(f"wrote {out}")
 
 

@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from . import models, nn, penalties, reference
 from ._ext import build_info
+from ._io import CheckpointError
 from .criteria import FilterHistory, magnitude_prune
 from .fold import fold_bn
 from .graph import TraceFailure
@@ -40,6 +41,7 @@ __all__ = [
     "PruneReport",
     "save_pruned",
     "load_pruned",
+    "CheckpointError",
     "profile",
     "magnitude_prune",
     "FilterHistory",

@@ -22,6 +22,7 @@ Distributed: ``torchrun --nproc_per_node=N -m slimcore train ...`` (gloo on CPU,
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ import torch
 
 from . import data as data_mod
 from . import models
+from ._io import CheckpointError
 from .criteria import CRITERIA
 from .penalties import NAMES as PENALTY_NAMES
 from .profile import profile
@@ -46,12 +48,12 @@ class CLIError(RuntimeError):
 
 
 def _add_training_args(p, finetune=False):
-    p.add_argument("--epochs", type=int, default=None if finetune else 160)
-    p.add_argument("--batch-size", type=int, default=None if finetune else 64)
-    p.add_argument("--lr", type=float, default=None if finetune else 0.1)
-    p.add_argument("--momentum", type=float, default=None if finetune else 0.9)
-    p.add_argument("--weight-decay", type=float, default=None if finetune else 1e-4)
-    p.add_argument("--accumulate", type=int, default=None if finetune else 1,
+    p.add_argument("--epochs", type=_positive_int, default=None if finetune else 160)
+    p.add_argument("--batch-size", type=_positive_int, default=None if finetune else 64)
+    p.add_argument("--lr", type=_positive_float, default=None if finetune else 0.1)
+    p.add_argument("--momentum", type=_unit_float, default=None if finetune else 0.9, help="SGD momentum, in [0, 1)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=None if finetune else 1e-4)
+    p.add_argument("--accumulate", type=_positive_int, default=None if finetune else 1,
                    help="micro-batches per step (the batch is split; same global batch)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     p.add_argument("--channels-last", action="store_true",
@@ -66,15 +68,16 @@ def _add_model_args(p):
     p.add_argument("--model", required=True, choices=models.NAMES)
     p.add_argument("--dataset", default="fashion-mnist", choices=data_mod.DATASETS)
     p.add_argument("--data-dir", default=None, help="where the data set's files are (never downloaded)")
-    p.add_argument("--val-split", type=float, default=0.0, help="hold out this share of the training set")
-    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--val-split", type=_unit_float, default=0.0, help="hold out this share of the training set")
+    p.add_argument("--width", type=_positive_float, default=1.0, help="channel width multiplier")
     p.add_argument("--augment", default="auto", choices=data_mod.AUGMENTATIONS,
                    help="training augmentation (auto: the data set's default; crop pads 2 on 28x28 images)")
     p.add_argument("--penalty", default="l1", choices=PENALTY_NAMES)
-    p.add_argument("--lam", type=float, default=1e-4, help="sparsity strength (0: plain training)")
-    p.add_argument("--p", type=float, default=0.5, help="exponent of lp / lpnorm")
-    p.add_argument("--a", type=float, default=1.0, help="tl1 a; scad a (default 3.7); mcp gamma (default 3)")
-    p.add_argument("--theta", type=float, default=None,
+    p.add_argument("--lam", type=_nonnegative_float, default=1e-4, help="sparsity strength (0: plain training)")
+    p.add_argument("--p", type=_finite_float, default=0.5, help="exponent of lp / lpnorm, in (0, 1)")
+    p.add_argument("--a", type=_finite_float, default=None,
+                   help="tl1 a > 0 (default 1); scad a > 2 (default 3.7); mcp gamma > 1 (default 3)")
+    p.add_argument("--theta", type=_positive_float, default=None,
                    help="scad / mcp: strength/shape form, slope --lam at 0 and flat beyond a*theta "
                         "(default: native form, --lam is their lambda and knee)")
     p.add_argument("--mode", default="subgradient", choices=("subgradient", "proximal"))
@@ -89,8 +92,8 @@ def _add_prune_args(p):
     p.add_argument("--round-to", type=_round_to, default=1,
                    help="keep channel counts multiples of N, or 'auto': snap up to measured faster widths")
     p.add_argument("--latency-batch", type=_positive_int, default=64, help="batch size --round-to auto times layers at")
-    p.add_argument("--min-channels", type=int, default=1)
-    p.add_argument("--max-layer-ratio", type=float, default=1.0, help="no layer loses more than this share")
+    p.add_argument("--min-channels", type=_positive_int, default=1)
+    p.add_argument("--max-layer-ratio", type=_max_layer_ratio, default=1.0, help="no layer loses more than this share")
     p.add_argument("--no-compensate", dest="compensate", action="store_false",
                    help="drop removed channels' constant outputs instead of folding them into the next biases")
 
@@ -109,10 +112,67 @@ def _round_to(text):
     return text if text == "auto" else _positive_int(text, "an integer >= 1 or 'auto'")
 
 
+def _float_in(text, expected, ok):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
+
+
+def _finite_float(text):
+    return _float_in(text, "a finite number", lambda v: True)
+
+
+def _positive_float(text):
+    return _float_in(text, "a finite number > 0", lambda v: v > 0)
+
+
+def _nonnegative_float(text):
+    return _float_in(text, "a finite number >= 0", lambda v: v >= 0)
+
+
+def _unit_float(text):
+    return _float_in(text, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _max_layer_ratio(text):
+    return _float_in(text, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line, ``slimcore <cmd>: error: ...`` (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Flags whose value may be negative: argparse takes "-1e-4" for an option (it only recognises
+# "-1" and "-0.5" as negative numbers), so main() joins such a pair into "--flag=-1e-4" and the
+# flag's own check then names the accepted range.
+def _join_negative_values(argv):
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--") and "=" not in tok and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{tok}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def parser():
-    top = argparse.ArgumentParser(prog="slimcore", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", required=True)
+    top = _Parser(prog="slimcore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="sparsity training")
     _add_model_args(p)
     _add_training_args(p)
@@ -143,8 +203,8 @@ def parser():
     _add_model_args(p)
     _add_training_args(p)
     _add_prune_args(p)
-    p.add_argument("--passes", type=int, default=1)
-    p.add_argument("--finetune-epochs", type=int, default=None, help="default: --epochs")
+    p.add_argument("--passes", type=_positive_int, default=1)
+    p.add_argument("--finetune-epochs", type=_positive_int, default=None, help="default: --epochs")
     p.add_argument("--out", required=True)
     p = sub.add_parser("report", help="markdown summary and figures of a run (or a sweep of runs)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -190,8 +250,21 @@ def _read_config(run):
     path = os.path.join(run, "config.json")
     if not os.path.exists(path):
         raise CLIError(f"{run} is not a slimcore run directory (no config.json): create it with `slimcore train`")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{path} is not valid JSON (truncated or edited by hand? {exc}); restore it or "
+                       "start the run again") from None
+    if not isinstance(config, dict) or not {"model", "model_kwargs", "dataset"} <= config.keys():
+        raise CLIError(f"{path} is not a slimcore run config (it needs model, model_kwargs and dataset)")
+    return config
+
+
+def _out_dir(path, flag="--out"):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is an existing file; give a directory (new or a run directory)")
+    return path
 
 
 def _write_json(path, obj):
@@ -227,13 +300,32 @@ def _settings(args, lam=None, **overrides):
         if s.theta is not None and s.penalty not in ("scad", "mcp"):
             raise CLIError(f"--theta is a scad / mcp parameter, not one of {s.penalty}")
         s.lam = args.lam if lam is None else lam
+        _check_penalty_args(s)
         if s.bn == "fused" and s.mode != "subgradient":
             raise CLIError("--bn fused adds the penalty's subgradient inside the BatchNorm backward; "
                            "--mode proximal needs --bn stock")
     for k, v in overrides.items():
         if v is not None:
             setattr(s, k, v)
+    if s.batch_size % s.accumulate:
+        raise CLIError(f"--batch-size {s.batch_size} must be a multiple of --accumulate {s.accumulate}")
     return s
+
+
+# What --a means per penalty and the range it needs (checked here, never replaced silently).
+_A_RANGE = {"tl1": ("TL1's a", lambda a: a > 0, "> 0"), "scad": ("SCAD's a", lambda a: a > 2, "> 2"),
+            "mcp": ("MCP's gamma", lambda a: a > 1, "> 1")}
+
+
+def _check_penalty_args(s):
+    if s.a is not None:
+        if s.penalty not in _A_RANGE:
+            raise CLIError(f"--a is a parameter of tl1, scad and mcp, not of {s.penalty}")
+        what, ok, bound = _A_RANGE[s.penalty]
+        if not ok(s.a):
+            raise CLIError(f"--a ({what}) must be {bound} for --penalty {s.penalty}, got {s.a:g}")
+    if s.penalty in ("lp", "lpnorm") and not 0 < s.p < 1:
+        raise CLIError(f"--p must be in (0, 1) for --penalty {s.penalty}, got {s.p:g}")
 
 
 def _config_from_args(args, spec):
@@ -261,6 +353,8 @@ def train_stage(config, settings, stage_dir, init_model=None, resume=False, stag
 
 def cmd_train(args, crash_after_epoch=None):
     rank, _ = distributed()
+    _out_dir(args.out)
+    s = _settings(args, extra={"device": args.device})
     spec = data_mod.datasets(args.dataset, args.data_dir, 0.0)[3]
     config = _config_from_args(args, spec)
     if rank == 0:
@@ -268,7 +362,6 @@ def cmd_train(args, crash_after_epoch=None):
         if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
             config = _read_config(args.out) | {"resumed": time.strftime("%Y-%m-%d %H:%M:%S")}
         _write_json(os.path.join(args.out, "config.json"), config)
-    s = _settings(args, extra={"device": args.device})
     return train_stage(config, s, os.path.join(args.out, "train"), resume=args.resume,
                        crash_after_epoch=crash_after_epoch)
 
@@ -402,14 +495,22 @@ def finetune_stage(run, prune_dir, out_dir, settings, resume=False, crash_after_
 
 
 def _finetune_settings(args, config):
-    trained = config["train"]
-    return Settings(
-        epochs=args.epochs or trained["epochs"], batch_size=args.batch_size or trained["batch_size"],
-        lr=args.lr or trained["lr"], momentum=args.momentum if args.momentum is not None else trained["momentum"],
-        weight_decay=args.weight_decay if args.weight_decay is not None else trained["weight_decay"],
-        accumulate=args.accumulate or trained.get("accumulate", 1), amp=args.amp, channels_last=args.channels_last, lam=0.0,
-        seed=args.seed if args.seed is not None else trained["seed"], quiet=args.quiet,
-        extra={"device": args.device})
+    trained = config.get("train")
+    if not isinstance(trained, dict):
+        raise CLIError(f"{args.run}/config.json has no training settings (\"train\"); was it written by slimcore train?")
+
+    def pick(name, key, default=None):
+        value = getattr(args, name)
+        return value if value is not None else trained.get(key, default)
+
+    s = Settings(
+        epochs=pick("epochs", "epochs"), batch_size=pick("batch_size", "batch_size"), lr=pick("lr", "lr"),
+        momentum=pick("momentum", "momentum"), weight_decay=pick("weight_decay", "weight_decay"),
+        accumulate=pick("accumulate", "accumulate", 1), amp=args.amp, channels_last=args.channels_last, lam=0.0,
+        seed=pick("seed", "seed", 0), quiet=args.quiet, extra={"device": args.device})
+    if s.batch_size % s.accumulate:
+        raise CLIError(f"--batch-size {s.batch_size} must be a multiple of --accumulate {s.accumulate}")
+    return s
 
 
 def cmd_finetune(args):
@@ -434,8 +535,7 @@ def _finetune_name(prune_name):
 def cmd_run(args):
     rank, _ = distributed()
     ratios = _ratios(args.ratio if args.ratio is not None else "0.5")
-    if args.passes < 1:
-        raise CLIError("--passes must be >= 1")
+    _out_dir(args.out)
     if args.passes > 1 and len(ratios) > 1:
         raise CLIError("multi-pass runs prune one ratio per pass: give a single --ratio")
     spec = data_mod.datasets(args.dataset, args.data_dir, 0.0)[3]
@@ -470,6 +570,8 @@ def cmd_run(args):
 def cmd_report(args):
     from .plots import report_run, report_sweep
 
+    if args.out:
+        _out_dir(args.out)
     if args.run:
         _read_config(args.run)
         path = report_run(args.run, args.out or args.run)
@@ -487,10 +589,16 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "r
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    """Runs one command; returns the exit code: 0, or 2 for a user mistake (one ``slimcore <cmd>:
+    error: ...`` line on stderr, no traceback)."""
+    argv = _join_negative_values([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a bad argument (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         COMMANDS[args.command](args)
-    except (CLIError, data_mod.DataError, FileNotFoundError) as exc:
+    except (CLIError, data_mod.DataError, FileNotFoundError, CheckpointError) as exc:
         print(f"slimcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,11 @@
 formula of ``penalty_value`` (``channel_gather``'s and ``batch_norm``'s are in C++:
 csrc/channel_gather_autograd.cpp, csrc/batch_norm_autograd.cpp), and
 the fallback to slimcore.reference when the extension is not loaded. Empty tensor lists are handled
-here (the dispatcher cannot pick a backend without a tensor).
+here (the dispatcher cannot pick a backend without a tensor): their arguments are still checked.
+
+Device checks in the fake kernels: a call mixing ``meta`` tensors with real ones dispatches to the
+Meta kernel (Meta outranks every backend), which would otherwise return uninitialised memory or
+do nothing; they raise as the real kernels do for mixed devices.
 """
 
 import torch
@@ -14,6 +18,8 @@ from ._ext import LOADED
 def penalty_subgradient_(weights, grads, penalty, scale, p=0.0, a=0.0, knee=0.0, eps=0.0):
     """grads[i] += scale[i] * dg(weights[i]) in place, over the whole list in one kernel launch."""
     if not weights and not grads:
+        reference.check_penalty(penalty, p, a, knee, eps)
+        reference._scales(scale, 1)
         return
     if LOADED:
         torch.ops.slimcore.penalty_subgradient_.default(weights, grads, penalty, scale, p, a, knee, eps)
@@ -24,6 +30,8 @@ def penalty_subgradient_(weights, grads, penalty, scale, p=0.0, a=0.0, knee=0.0,
 def penalty_prox_(weights, penalty, scale, p=0.0, a=0.0, knee=0.0, eps=0.0):
     """weights[i] = argmin_x 1/2 (x - weights[i])^2 + scale[i] * g(x) in place, in one kernel launch."""
     if not weights:
+        reference.check_penalty(penalty, p, a, knee, eps)
+        reference._scales(scale, 1)
         return
     if LOADED:
         torch.ops.slimcore.penalty_prox_.default(weights, penalty, scale, p, a, knee, eps)
@@ -32,7 +40,13 @@ def penalty_prox_(weights, penalty, scale, p=0.0, a=0.0, knee=0.0, eps=0.0):
 
 
 def penalty_value(weights, penalty, scale, p=0.0, a=0.0, knee=0.0, eps=0.0):
-    """sum_i scale[i] * sum_j g(weights[i][j]) as a 0-dim tensor; differentiable in weights."""
+    """sum_i scale[i] * sum_j g(weights[i][j]) as a 0-dim tensor; differentiable in weights.
+
+    An empty list sums nothing: a float32 zero on the CPU (after the arguments are checked)."""
+    if not weights:
+        reference.check_penalty(penalty, p, a, knee, eps)
+        reference._scales(scale, 1)
+        return torch.zeros((), dtype=torch.float32)
     if LOADED:
         return torch.ops.slimcore.penalty_value.default(weights, penalty, scale, p, a, knee, eps)
     return reference.penalty_value(weights, penalty, scale, p, a, knee, eps)
@@ -90,6 +104,21 @@ def batch_norm_backward(grad_out, input, weight, save_mean, save_invstd, trainin
                                          p, a, knee, penalty_eps)
 
 
+def _check_same_device(op, first_name, first, tensors):
+    """Fake-kernel twin of the kernels' device checks: ``tensors`` is [(name, tensor or None)]."""
+    for name, t in tensors:
+        if t is not None and t.device != first.device:
+            raise RuntimeError(f"slimcore.{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                               "all tensors of one call must be on one device")
+
+
+def _check_list_devices(op, *lists):
+    """[(list name, tensors)]: every tensor on the device of the first one."""
+    named = [(f"{name}[{i}]", t) for name, ts in lists for i, t in enumerate(ts)]
+    if named:
+        _check_same_device(op, named[0][0], named[0][1], named[1:])
+
+
 def _bn_acc_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
@@ -100,6 +129,8 @@ if LOADED:
     def _batch_norm_fake(input, weight, bias, running_mean, running_var, training, momentum, eps, penalty, scale, p,
                          a, knee, penalty_eps):
         reference.check_batch_norm_penalty(penalty, scale, p, a, knee, penalty_eps)
+        _check_same_device("batch_norm", "input", input, [("weight", weight), ("bias", bias),
+                                                           ("running_mean", running_mean), ("running_var", running_var)])
         channels = input.shape[1]
         acc = _bn_acc_dtype(input)
         return torch.empty_like(input), input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
@@ -108,20 +139,26 @@ if LOADED:
     def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, training, penalty, scale, p, a,
                                   knee, penalty_eps):
         reference.check_batch_norm_penalty(penalty, scale, p, a, knee, penalty_eps)
+        _check_same_device("batch_norm_backward", "input", input, [("grad_out", grad_out), ("weight", weight),
+                                                                    ("save_mean", save_mean),
+                                                                    ("save_invstd", save_invstd)])
         channels = input.shape[1]
         dtype = weight.dtype if weight is not None else _bn_acc_dtype(input)
         return torch.empty_like(input), input.new_empty((channels,), dtype=dtype), input.new_empty((channels,), dtype=dtype)
 
     @torch.library.register_fake("slimcore::penalty_subgradient_")
     def _penalty_subgradient_fake(weights, grads, penalty, scale, p, a, knee, eps):
+        _check_list_devices("penalty_subgradient_", ("weights", weights), ("grads", grads))
         return None
 
     @torch.library.register_fake("slimcore::penalty_prox_")
     def _penalty_prox_fake(weights, penalty, scale, p, a, knee, eps):
+        _check_list_devices("penalty_prox_", ("weights", weights))
         return None
 
     @torch.library.register_fake("slimcore::penalty_value")
     def _penalty_value_fake(weights, penalty, scale, p, a, knee, eps):
+        _check_list_devices("penalty_value", ("weights", weights))
         dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
         return weights[0].new_empty((), dtype=dtype)
 
@@ -149,6 +186,8 @@ if LOADED:
 
     @torch.library.register_fake("slimcore::channel_gather_")
     def _channel_gather__fake(weight, out_index, in_index):
+        # first the argument errors (a meta index with a CPU weight lands here), then the tracing one
+        reference.check_gather("channel_gather_", weight, out_index, in_index, True, check_values=False)
         # channel_gather_ changes its input's shape, which no functionalization pass can express
         # (auto_functionalize handles value mutation only): it is an eager-only op, so
         # torch.compile / export must not trace it. The eager kernels are checked by opcheck's

@@ -175,7 +175,8 @@ def penalty_label(train):
     if name in ("lp", "lpnorm"):
         return f"{name} p={train.get('p'):g}"
     if name == "tl1":
-        return f"tl1 a={train.get('a'):g}"
+        a = train.get("a")
+        return f"tl1 a={1.0 if a is None else a:g}"  # None: TL1's default
     if name in ("scad", "mcp"):
         theta = train.get("theta")
         return name + (f" theta={theta:g}" if theta is not None else "")

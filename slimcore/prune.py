@@ -12,10 +12,13 @@ listed modules.
 """
 
 import copy
+import gc
 import inspect
 import math
+import numbers
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,16 +120,25 @@ class PruneReport:
 # ---------------------------------------------------------------------------------------- decision
 
 
+def _is_real(value):
+    """A real number, numpy's included (np.float32(0.5) from a sweep), but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_args(ratio, criterion, scope, round_to, min_channels):
-    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0.0 <= ratio < 1.0):
+    if not (_is_real(ratio) and 0.0 <= ratio < 1.0):
         raise ValueError(f"slimcore.prune: ratio must be a number in [0, 1), got {ratio!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"slimcore.prune: unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
     if scope not in SCOPES:
         raise ValueError(f"slimcore.prune: scope must be one of {SCOPES}, got {scope!r}")
-    if not (round_to == "auto" or isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
+    if not (isinstance(round_to, str) and round_to == "auto" or _is_integer(round_to) and round_to >= 1):
         raise ValueError(f"slimcore.prune: round_to must be an integer >= 1 or 'auto', got {round_to!r}")
-    if not (isinstance(min_channels, int) and not isinstance(min_channels, bool) and min_channels >= 1):
+    if not (_is_integer(min_channels) and min_channels >= 1):
         raise ValueError(f"slimcore.prune: min_channels must be an integer >= 1, got {min_channels!r}")
 
 
@@ -593,6 +605,8 @@ def parent_module(model, name):
 
 
 def _module_names(model, items):
+    if isinstance(items, (str, nn.Module)):  # one entry, not a string's characters
+        items = [items]
     if not items:
         return set()
     by_id = {id(m): n for n, m in model.named_modules()}
@@ -733,6 +747,35 @@ def _fit_sizes(model, inputs, graph, classes, blocks, decided, redecide):
     raise RuntimeError("slimcore.prune: the pruned model's sizes could not be made to follow the plan")
 
 
+def _leaf_modules(leaf_modules):
+    if isinstance(leaf_modules, str):
+        raise TypeError(f"slimcore.prune: leaf_modules must be submodules or module classes, not a string "
+                        f"({leaf_modules!r}); pass the module object or its class")
+    if isinstance(leaf_modules, nn.Module) or isinstance(leaf_modules, type):
+        return (leaf_modules,)
+    return tuple(leaf_modules)
+
+
+def _warn_unpassed_optimizers(model, plans, optimizer):
+    """Warns about optimizers that hold state (momentum, Adam moments) for parameters this prune
+    resizes but were not passed as ``optimizer=``: the parameters keep their identity, so such an
+    optimizer would later fail (or mix channels) inside its step."""
+    resized = {id(p) for plan in plans if _changes(plan) for p in plan.module.parameters(recurse=False)}
+    if not resized:
+        return
+    stale = []
+    for obj in gc.get_objects():  # optimizers are not registered anywhere; prune is a one-off
+        # type(obj): isinstance would read __class__, which some lazy module proxies warn about
+        if issubclass(type(obj), torch.optim.Optimizer) and obj is not optimizer:
+            if any(id(p) in resized and state for p, state in obj.state.items()):
+                stale.append(type(obj).__name__)
+    if stale:
+        warnings.warn(f"slimcore.prune: a {', '.join(sorted(set(stale)))} optimizer holds state for parameters this "
+                      "prune resizes but was not passed as optimizer=; its state now has the old shapes and its next "
+                      "step will fail. Pass it as prune(..., optimizer=opt), or build a new optimizer after pruning",
+                      UserWarning, stacklevel=3)
+
+
 def _in_collapsed(plans, collapsed):
     return {plan.name for plan in plans if any(plan.name.startswith(b + ".") for b in collapsed)}
 
@@ -814,8 +857,14 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     """
     start = time.perf_counter()
     _check_args(ratio, criterion, scope, round_to, min_channels)
-    if not (isinstance(max_layer_ratio, (int, float)) and 0.0 < max_layer_ratio <= 1.0):
+    if not (_is_real(max_layer_ratio) and 0.0 < max_layer_ratio <= 1.0):
         raise ValueError(f"slimcore.prune: max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
+    ratio, max_layer_ratio = float(ratio), float(max_layer_ratio)
+    round_to = round_to if round_to == "auto" else int(round_to)
+    min_channels = int(min_channels)
+    leaf_modules = _leaf_modules(leaf_modules)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"slimcore.prune: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     inputs = _as_tuple(example_inputs)
     graph, classes, blocks = _analysis(model, inputs, criterion, ignore, leaf_modules, history, seed, compensate,
                                        collapse_blocks)
@@ -900,6 +949,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
 
     max_error = mean_error = None if target is None and deltas else 0.0
     if not dry_run:
+        _warn_unpassed_optimizers(model, plans, optimizer)
         with torch.no_grad():
             for plan in plans:
                 if plan.name in deltas:
@@ -1034,12 +1084,12 @@ def _dry_measure(model, example_inputs, quantity, **prune_kwargs):
     o.apply_defaults()
     o = o.arguments
     graph, classes, blocks = _analysis(model, _as_tuple(example_inputs), o["criterion"], o["ignore"],
-                                       o["leaf_modules"], o["history"], o["seed"], o["compensate"],
+                                       _leaf_modules(o["leaf_modules"]), o["history"], o["seed"], o["compensate"],
                                        o["collapse_blocks"])
 
     def measure(ratio):
-        removed, _, collapsed = decide(classes, ratio, o["scope"], o["round_to"], o["min_channels"],
-                                       o["max_layer_ratio"], blocks)
+        removed, _, collapsed = decide(classes, ratio, o["scope"], int(o["round_to"]), int(o["min_channels"]),
+                                       float(o["max_layer_ratio"]), blocks)
         if quantity == "channels_removed":
             return _removed_share(classes, removed)
         plans = _plans(graph, ~removed[classes.of_atom])
@@ -1048,9 +1098,9 @@ def _dry_measure(model, example_inputs, quantity, **prune_kwargs):
 
 
 def _check_search(fn, target, target_name, resolution, prune_kwargs):
-    if not (isinstance(target, (int, float)) and not isinstance(target, bool) and 0.0 < target <= 1.0):
+    if not (_is_real(target) and 0.0 < target <= 1.0):
         raise ValueError(f"slimcore.{fn}: {target_name} must be in (0, 1], got {target!r}")
-    if not (isinstance(resolution, float) and 0.0 < resolution < 0.1):
+    if not (_is_real(resolution) and not _is_integer(resolution) and 0.0 < resolution < 0.1):
         raise ValueError(f"slimcore.{fn}: resolution must be a float in (0, 0.1), got {resolution!r}")
     for key in ("ratio", "dry_run", "optimizer"):
         if key in prune_kwargs:
@@ -1098,6 +1148,7 @@ def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **pr
     channels back).
     """
     _check_search("ratio_for_flops", flops_fraction, "flops_fraction", resolution, prune_kwargs)
+    flops_fraction, resolution = float(flops_fraction), float(resolution)
     kept = _dry_measure(model, example_inputs, "flops_kept", **prune_kwargs)
     ratio = _smallest_ratio(lambda r: kept(r) <= flops_fraction, resolution)
     if ratio is None:
@@ -1122,6 +1173,7 @@ def ratio_for_channels(model, example_inputs, share, resolution=1e-4, **prune_kw
     round_to="auto" prune with ``check_latency=False`` at the ratio found.
     """
     _check_search("ratio_for_channels", share, "share", resolution, prune_kwargs)
+    share, resolution = float(share), float(resolution)
     removed = _dry_measure(model, example_inputs, "channels_removed", **prune_kwargs)
     ratio = _smallest_ratio(lambda r: removed(r) >= share, resolution)
     if ratio is None:
@@ -1199,15 +1251,106 @@ def save_pruned(model, path, meta=None):
                  "meta": meta or {}}, path)
 
 
+def _check_pruned_config(path, model, config, state):
+    """Checks every saved channel entry against the module build_fn() made, before anything is
+    resized: resizing parameters to the saved shapes would defeat load_state_dict's own shape
+    check (a 5x5 conv would silently take 3x3 weights)."""
+    from ._io import CheckpointError
+
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the channel config and state_dict must be dicts (a damaged checkpoint)")
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    for name, entry in config.items():
+        def fail(msg, name=name):
+            raise CheckpointError(f"{path}: module '{name}': {msg}; the checkpoint does not fit the model "
+                                  "build_fn() returned (another architecture or width?)")
+
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            fail(f"malformed config entry {entry!r}")
+        prefix = f"{name}." if name else ""
+
+        def shape_of(key):
+            t = state.get(prefix + key)
+            if not isinstance(t, torch.Tensor):
+                fail(f"the state_dict has no tensor '{prefix + key}'")
+            return tuple(t.shape)
+
+        counts = {a: entry[a] for a in (*_ATTRS, "residual_constant") if a in entry}
+        for a, v in counts.items():
+            if not (_is_integer(v) and v >= 1):
+                fail(f"{a} must be a positive integer, got {v!r}")
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            fail("does not exist in the model")
+        if "residual_constant" in entry:
+            if shape_of("constant") != (entry["residual_constant"],):
+                fail(f"constant has shape {shape_of('constant')}, not ({entry['residual_constant']},)")
+            continue
+        if not isinstance(m, _SHAPED):
+            fail(f"is a {type(m).__name__}, not a conv, linear, BatchNorm or PReLU")
+        expected = {a for a in _ATTRS if hasattr(m, a)}
+        if set(counts) != expected:
+            fail(f"saved as a layer with {sorted(counts)} but the model's {type(m).__name__} has {sorted(expected)}")
+        for a in ("in_channels", "out_channels", "in_features", "out_features"):
+            if a in counts and counts[a] > getattr(m, a):
+                fail(f"{a}={counts[a]} is more than the unpruned model's {getattr(m, a)}")
+        if isinstance(m, convs):
+            cin, cout, groups = counts["in_channels"], counts["out_channels"], counts["groups"]
+            depthwise = m.groups == m.in_channels and m.groups > 1
+            if depthwise and (groups != cin or cout * m.in_channels != cin * m.out_channels):
+                fail(f"a depthwise conv must keep groups = in_channels and out/in = {m.out_channels}/{m.in_channels}, "
+                     f"got in_channels={cin}, out_channels={cout}, groups={groups}")
+            if not depthwise and groups != m.groups:
+                fail(f"groups={groups} but the model's conv has groups={m.groups}")
+            if cin % groups or cout % groups:
+                fail(f"in_channels={cin} and out_channels={cout} must be multiples of groups={groups}")
+            want = (cout, cin // groups, *m.kernel_size)
+            if shape_of("weight") != want:
+                fail(f"weight has shape {shape_of('weight')}; in_channels={cin}, out_channels={cout}, groups={groups} "
+                     f"and the model's kernel_size={tuple(m.kernel_size)} need {want}")
+            if entry.get("bias") and shape_of("bias") != (cout,):
+                fail(f"bias has shape {shape_of('bias')}, not ({cout},)")
+            if entry.get("compensated") and shape_of("compensation") != (cout, 1, *m.kernel_size):
+                fail(f"compensation has shape {shape_of('compensation')}, not {(cout, 1, *m.kernel_size)}")
+        elif isinstance(m, nn.Linear):
+            want = (counts["out_features"], counts["in_features"])
+            if shape_of("weight") != want:
+                fail(f"weight has shape {shape_of('weight')}, not {want} (out_features, in_features)")
+            if entry.get("bias") and shape_of("bias") != (want[0],):
+                fail(f"bias has shape {shape_of('bias')}, not ({want[0]},)")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = counts["num_features"]
+            if n > m.num_features:
+                fail(f"num_features={n} is more than the unpruned model's {m.num_features}")
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                if prefix + key in state and shape_of(key) != (n,):
+                    fail(f"{key} has shape {shape_of(key)}, not ({n},)")
+            if entry.get("selected"):
+                index = state.get(prefix + "selected_index")
+                if not (isinstance(index, torch.Tensor) and index.dtype == torch.long and tuple(index.shape) == (n,)
+                        and (n == 0 or int(index.min()) >= 0)):
+                    fail(f"selected_index must be {n} non-negative int64 channel indices")
+        elif isinstance(m, nn.PReLU):
+            if counts["num_parameters"] != 1 and counts["num_parameters"] > m.num_parameters:
+                fail(f"num_parameters={counts['num_parameters']} is more than the model's {m.num_parameters}")
+            if shape_of("weight") != (counts["num_parameters"],):
+                fail(f"weight has shape {shape_of('weight')}, not ({counts['num_parameters']},)")
+
+
 def load_pruned(path, build_fn=None, map_location="cpu"):
     """Rebuilds a pruned model: ``build_fn()`` makes the dense architecture (default: the
     slimcore.models architecture named in the file's metadata), which is reshaped to the saved
-    channel configuration and loaded (``weights_only=True``, strict)."""
-    from ._io import safe_load
+    channel configuration and loaded (``weights_only=True``, strict).
+
+    The saved configuration is checked against the built model first (module types, kernel
+    sizes, groups, widths no larger than the dense model's, positive counts, parameter shapes);
+    a file that does not fit, or that torch cannot read, raises :class:`slimcore.CheckpointError`."""
+    from ._io import CheckpointError, safe_load
 
     ckpt = safe_load(path, map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "slimcore.pruned/1":
-        raise ValueError(f"{path} is not a slimcore pruned checkpoint (written by slimcore.save_pruned)")
+        raise CheckpointError(f"{path} is not a slimcore pruned checkpoint (written by slimcore.save_pruned)")
     if build_fn is None:
         meta = ckpt.get("meta") or {}
         if "model" not in meta:
@@ -1218,7 +1361,8 @@ def load_pruned(path, build_fn=None, map_location="cpu"):
             return models.build(meta["model"], **meta.get("model_kwargs", {}))
 
     model = build_fn()
-    state = ckpt["state_dict"]
+    state = ckpt.get("state_dict")
+    _check_pruned_config(path, model, ckpt.get("config"), state)
     for name, entry in ckpt["config"].items():  # collapsed residual blocks first: they remove submodules
         if "residual_constant" in entry:
             parent, attr = parent_module(model, name)
@@ -1229,7 +1373,7 @@ def load_pruned(path, build_fn=None, map_location="cpu"):
         try:
             m = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path}: module '{name}' does not exist in the model build_fn() returned") from None
+            raise CheckpointError(f"{path}: module '{name}' does not exist in the model build_fn() returned") from None
         prefix = f"{name}." if name else ""
         if entry.get("selected"):
             set_input_selection(m, state[f"{prefix}selected_index"])
@@ -1246,5 +1390,8 @@ def load_pruned(path, build_fn=None, map_location="cpu"):
             for bname, b in list(m.named_buffers(recurse=False)):
                 if b is not None and prefix + bname in state:
                     m._buffers[bname] = torch.empty(state[prefix + bname].shape, dtype=b.dtype, device=b.device)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the model build_fn() returned: {exc}") from None
     return model

@@ -57,12 +57,13 @@ def bn_weights(model):
 
 
 def _bn_weight_list(model):
-    # bn_weights() without building names: module traversal dominates a per-step call.
+    # bn_weights() without building names: module traversal dominates a per-step call. Frozen
+    # gammas (requires_grad=False) are skipped: they get no gradient, as in SlimBatchNorm.
     found, seen = [], set()
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             w = module._parameters.get("weight")
-            if w is not None and id(w) not in seen:
+            if w is not None and w.requires_grad and id(w) not in seen:
                 seen.add(id(w))
                 found.append(w)
     return found
@@ -72,12 +73,17 @@ def _collect(model_or_params):
     """The tensors to regularise, and a function giving their names (only needed for errors)."""
     if isinstance(model_or_params, nn.Module):
         weights = _bn_weight_list(model_or_params)
+        if not weights and bn_weights(model_or_params):
+            raise ValueError(
+                f"sparse_bn_step: every BatchNorm weight of {type(model_or_params).__name__} is frozen "
+                "(requires_grad=False); nothing to regularise"
+            )
         if not weights:
             raise ValueError(
                 f"sparse_bn_step: {type(model_or_params).__name__} has no BatchNorm layer with a learnable "
                 "weight (affine=True); nothing to regularise"
             )
-        return weights, lambda: [n for n, _ in bn_weights(model_or_params)]
+        return weights, lambda: [n for n, w in bn_weights(model_or_params) if w.requires_grad]
     if isinstance(model_or_params, torch.Tensor):
         raise TypeError("sparse_bn_step: pass a model or an iterable of parameters, not a single tensor")
     weights = list(model_or_params)

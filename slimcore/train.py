@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import penalties
-from ._io import atomic_save, safe_load
+from ._io import CheckpointError, atomic_save, safe_load
 from .criteria import FilterHistory
 from .prune import channel_config, load_pruned, save_pruned
 from .step import SparseBNStep, bn_weights
@@ -60,7 +60,7 @@ class Settings:
     penalty: str = "l1"
     lam: float = 0.0  # 0: no sparsity penalty (fine-tuning)
     p: float = 0.5  # Lp / LpNorm exponent
-    a: float = 1.0  # TL1 a, SCAD a (3.7 if left at 1.0), MCP gamma (3.0 if left at 1.0)
+    a: Optional[float] = None  # TL1 a, SCAD a, MCP gamma; None: their defaults (1.0, 3.7, 3.0)
     theta: Optional[float] = None  # SCAD/MCP: None = native form (lam is their lambda), else strength/shape form
     mode: str = "subgradient"
     bn: str = "stock"
@@ -77,12 +77,13 @@ def make_penalty(s: Settings):
     name = s.penalty.lower()
     if name in ("lp", "lpnorm"):
         return penalties.get(name, p=s.p)
+    # An out-of-range a is an error (penalties check it), never replaced by the default.
     if name == "tl1":
-        return penalties.TL1(a=s.a)
+        return penalties.TL1(a=1.0 if s.a is None else s.a)
     if name == "scad":
-        return penalties.SCAD(a=s.a if s.a > 2 else 3.7, theta=s.theta)
+        return penalties.SCAD(a=3.7 if s.a is None else s.a, theta=s.theta)
     if name == "mcp":
-        return penalties.MCP(gamma=s.a if s.a > 1 else 3.0, theta=s.theta)
+        return penalties.MCP(gamma=3.0 if s.a is None else s.a, theta=s.theta)
     return penalties.get(name)
 
 
@@ -170,15 +171,13 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, epoch, meta, sett
 def load_checkpoint(path):
     try:
         ckpt = safe_load(path)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise RuntimeError(
-            f"checkpoint {path} is corrupted or truncated and cannot be loaded ({type(exc).__name__}: {exc}). "
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or truncated and cannot be loaded ({exc}). "
             "Delete it to start the stage over, or restore it from a backup."
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise RuntimeError(f"{path} is not a slimcore training checkpoint")
+        raise CheckpointError(f"{path} is not a slimcore training checkpoint")
     return ckpt
 
 
@@ -214,6 +213,14 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
     rank, world = distributed()
     main = rank == 0
     s = settings
+    if not (isinstance(s.epochs, int) and s.epochs >= 1):
+        raise ValueError(f"epochs must be an integer >= 1, got {s.epochs!r}")
+    if not (isinstance(s.batch_size, int) and s.batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {s.batch_size!r}")
+    if not (math.isfinite(s.lr) and s.lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {s.lr!r}")
+    if not (math.isfinite(s.lam) and s.lam >= 0):  # nan > 0 is False: a NaN lam would train with no penalty
+        raise ValueError(f"lam must be a finite number >= 0, got {s.lam!r}")
     if s.accumulate < 1 or s.batch_size % s.accumulate:
         raise ValueError(f"batch size {s.batch_size} must be a multiple of accumulate={s.accumulate}")
     if s.bn not in ("stock", "fused"):

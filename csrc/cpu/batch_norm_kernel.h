@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "../batch_norm_args.h"
+#include "cost_model.h"
 
 #ifndef SLIMCORE_BN_ISA
 #error "define SLIMCORE_BN_ISA before including batch_norm_kernel.h"
@@ -84,8 +85,11 @@ constexpr int64_t kMaxRun = 16384;
 constexpr int64_t kMaxColumns = 16384;
 // The columns transform folds the mean into the shift when |mean| / std <= this for every channel.
 constexpr double kFoldedMeanLimit = 16.0;
-// Elements per task below which a loop stays on one thread (ATen's elementwise grain).
-constexpr int64_t kGrain = 32768;
+// Elements per task (cost_model.h): a BN pass reads and writes each element once or twice,
+// about this many ns per element on one core; smaller work stays on one thread.
+constexpr double kBatchNormNsPerElement = 0.5;
+
+inline int64_t bn_grain() { return cpu::grain_for(kBatchNormNsPerElement); }
 
 // ---------------------------------------------------------------------------------- span sums
 // `omp simd reduction` lets GCC keep one vector of partial sums per reduction (no -ffast-math
@@ -304,6 +308,16 @@ struct Moments {
     m2 += m2_b + delta * delta * n * f;
     n = total;
   }
+  // A block of nb values: pivot + sum/nb is its mean (sum: of value - pivot), m2_f its squared
+  // deviations about mean_f, that mean rounded to acc_t. Merged with the mean in double and m2
+  // moved to it (m2_f - nb (mean_f - mean)^2): merging blocks by their rounded means would add
+  // the rounding (~|mean| * 6e-8 in float) to every delta, which matters when |mean| >> std.
+  void add_block(double nb, double pivot, double sum, double mean_f, double m2_f) {
+    if (nb == 0) return;
+    const double mean_b = pivot + sum / nb;
+    const double e = mean_f - mean_b;
+    add(nb, mean_b, std::max(0.0, m2_f - nb * e * e));
+  }
 };
 
 // Per-channel values every kernel needs: the affine parameters (absent: 1 and 0) in acc_t.
@@ -338,8 +352,8 @@ Traversal traversal_of(const BNShape& s) {
 
 // Row ranges of the columns traversal: one per thread when there is enough work.
 int64_t column_tasks(const Traversal& t) {
-  if (t.R * t.W < 2 * kGrain) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.R));
+  const int64_t by_work = t.R * t.W / bn_grain();  // each task at least one grain of work
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), t.R, by_work}));
 }
 
 // Per-channel (mean, biased variance) of a columns traversal, in float64.
@@ -352,6 +366,7 @@ void column_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::ve
   const int64_t block_rows = std::max<int64_t>(1, kColumnBlockBytes / (W * static_cast<int64_t>(sizeof(scalar_t))));
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> bsum(W), bm2(W);
+    std::vector<double> bmean(W);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t r_begin = t.R * task / T, r_end = t.R * (task + 1) / T;
       double* mean_t = tmean.data() + task * W;
@@ -369,7 +384,10 @@ void column_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::ve
           for (int64_t j = 0; j < W; ++j) bs[j] += static_cast<acc_t>(row[j]) - static_cast<acc_t>(pivot[j]);
         }
         const acc_t inv_k = acc_t(1) / static_cast<acc_t>(k);
-        for (int64_t j = 0; j < W; ++j) bs[j] = static_cast<acc_t>(pivot[j]) + bs[j] * inv_k;  // block means
+        for (int64_t j = 0; j < W; ++j) {  // block means: in double for the merge, rounded for the pass
+          bmean[j] = static_cast<double>(pivot[j]) + static_cast<double>(bs[j]) / static_cast<double>(k);
+          bs[j] = static_cast<acc_t>(pivot[j]) + bs[j] * inv_k;
+        }
         for (int64_t r = rb; r < re; ++r) {
           const scalar_t* row = x + r * W;
           for (int64_t j = 0; j < W; ++j) {
@@ -380,9 +398,10 @@ void column_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::ve
         const double f = static_cast<double>(k) / static_cast<double>(n + k);
         const double g = static_cast<double>(n) * f;
         for (int64_t j = 0; j < W; ++j) {
-          const double delta = static_cast<double>(bs[j]) - mean_t[j];
+          const double e = static_cast<double>(bs[j]) - bmean[j];  // m2 about the double mean (Moments::add_block)
+          const double delta = bmean[j] - mean_t[j];
           mean_t[j] += delta * f;
-          m2_t[j] += static_cast<double>(bq[j]) + delta * delta * g;
+          m2_t[j] += std::max(0.0, static_cast<double>(bq[j]) - static_cast<double>(k) * e * e) + delta * delta * g;
         }
         n += k;
       }
@@ -419,8 +438,9 @@ void run_statistics(const scalar_t* x, const Traversal& t, int64_t C, std::vecto
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* run = x + rb * W + c * S;
           const acc_t pivot = static_cast<acc_t>(run[0]);
-          const acc_t bmean = pivot + runs_sum<scalar_t, acc_t>(run, k, W, S, pivot) / static_cast<acc_t>(k * S);
-          mo[c].add(static_cast<double>(k * S), bmean, runs_sq_dev<scalar_t, acc_t>(run, k, W, S, bmean));
+          const acc_t sum = runs_sum<scalar_t, acc_t>(run, k, W, S, pivot);
+          const acc_t bmean = pivot + sum / static_cast<acc_t>(k * S);
+          mo[c].add_block(static_cast<double>(k * S), pivot, sum, bmean, runs_sq_dev<scalar_t, acc_t>(run, k, W, S, bmean));
         }
       }
     }
@@ -446,8 +466,9 @@ Moments plane_statistics(const scalar_t* x, const BNShape& s, int64_t c) {
       for (int64_t off = 0; off < S; off += kPlaneBlock) {
         const int64_t len = std::min(kPlaneBlock, S - off);
         const acc_t pivot = static_cast<acc_t>(p[off]);
-        const acc_t mb = pivot + span_sum<scalar_t, acc_t>(p + off, len, pivot) / static_cast<acc_t>(len);
-        mo.add(len, mb, span_sq_dev<scalar_t, acc_t>(p + off, len, mb));
+        const acc_t sum = span_sum<scalar_t, acc_t>(p + off, len, pivot);
+        const acc_t mb = pivot + sum / static_cast<acc_t>(len);
+        mo.add_block(len, pivot, sum, mb, span_sq_dev<scalar_t, acc_t>(p + off, len, mb));
       }
     }
     return mo;
@@ -461,7 +482,7 @@ Moments plane_statistics(const scalar_t* x, const BNShape& s, int64_t c) {
     const acc_t mb = pivot + sum / static_cast<acc_t>((n1 - n0) * S);
     acc_t q = 0;
     for (int64_t n = n0; n < n1; ++n) q += span_sq_dev<scalar_t, acc_t>(x + (n * s.C + c) * S, S, mb);
-    mo.add(static_cast<double>((n1 - n0) * S), mb, q);
+    mo.add_block(static_cast<double>((n1 - n0) * S), pivot, sum, mb, q);
   }
   return mo;
 }
@@ -505,7 +526,7 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
   }
   const Traversal t = traversal_of(s);
   if (t.walk == Walk::Planes) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, count));
+    const int64_t grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, count));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double mean, var;
@@ -541,7 +562,7 @@ void forward_kernel(const BNShape& s, const at::Tensor& input, at::Tensor& out, 
     }
   }
   for (int64_t c = 0; c < C; ++c) finish_channel(c, mean[c], var[c]);
-  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, t.W));
+  const int64_t row_grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, t.W));
   if (t.walk == Walk::Runs) {  // each run with its channel's scalars: y = (x - m) * k + b, exact for any mean
     std::vector<acc_t> ck(C);
     for (int64_t c = 0; c < C; ++c) ck[c] = gamma[c] * sinvstd[c];
@@ -632,7 +653,7 @@ void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Ten
 
   const Traversal t = traversal_of(s);
   if (t.walk == Walk::Planes) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.count()));
+    const int64_t grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, s.count()));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const acc_t m = mean[c];
@@ -657,7 +678,7 @@ void backward_kernel(const BNShape& s, const at::Tensor& grad_out, const at::Ten
     return;
   }
 
-  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, t.W));
+  const int64_t row_grain = std::max<int64_t>(1, bn_grain() / std::max<int64_t>(1, t.W));
   if (t.walk == Walk::Runs) {
     // Per-task sums per channel (vector sums over a block of rows, then float64), then grad_input run by
     // run with the channel's scalar coefficients.

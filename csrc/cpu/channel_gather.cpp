@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "../channel_gather_args.h"
-#include "multi_tensor_loop.h"
+#include "cost_model.h"
 
 namespace slimcore {
 namespace {
@@ -24,9 +24,11 @@ constexpr int64_t kShortRun = 4;
 // Runs of at least this many bytes go through memmove (overlapping vector moves, even for a 3x3
 // kernel's 36 bytes); shorter ones through a plain loop.
 constexpr int64_t kMemmoveMinBytes = 32;
-// The in-place gather runs a wave in parallel only when it is at least this long (two tasks'
-// worth): smaller waves cost more in fork/join than they save.
-constexpr int64_t kMinParallelWave = 2 * cpu::kGrainSize;
+// A copied element costs about this (memory bound, runs of a few bytes to whole rows); with
+// cost_model.h it sets the elements per task.
+constexpr double kGatherNsPerElement = 0.5;
+
+int64_t gather_grain() { return cpu::grain_for(kGatherNsPerElement); }
 
 // `len` elements at offset `dst` of an output row come from offset `src` of its source row.
 struct Run {
@@ -135,7 +137,7 @@ at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::
     const T* w = static_cast<const T*>(weight.const_data_ptr());
     T* d = static_cast<T*>(out.mutable_data_ptr());
     // Ranges of output positions: whole rows, or pieces of rows when there are few long ones.
-    at::parallel_for(0, n, cpu::kGrainSize,
+    at::parallel_for(0, n, gather_grain(),
                      [&](int64_t begin, int64_t end) { gather_range(g, plan, w, d, begin, end); });
   });
   return out;
@@ -150,7 +152,8 @@ at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::
 //     at or above source_position(s) >= e, and everything it reads is still unwritten (earlier
 //     waves wrote below s), so the wave can run in any order, i.e. in parallel.
 // The pass goes front to back on one thread while the gap is small, then in waves of
-// gap(s) >= kMinParallelWave elements: at most n / kMinParallelWave + 1 parallel_for calls.
+// gap(s) >= 2 * gather_grain() elements (two tasks' worth; shorter waves cost more in fork/join
+// than they save): at most n / (2 * gather_grain()) + 1 parallel_for calls.
 at::Tensor channel_gather__cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_index,
                                const std::optional<at::Tensor>& in_index) {
   const GatherArgs g = check_gather_args("channel_gather_", weight, out_index, in_index, true);
@@ -161,7 +164,7 @@ at::Tensor channel_gather__cpu(const at::Tensor& weight, const std::optional<at:
     const int64_t first_moved = first_position(0, n, [&](int64_t p) { return gap(p) > 0; });
     const int64_t parallel_from =
         at::get_num_threads() > 1
-            ? first_position(first_moved, n, [&](int64_t p) { return gap(p) >= kMinParallelWave; })
+            ? first_position(first_moved, n, [&](int64_t p) { return gap(p) >= 2 * gather_grain(); })
             : n;
     dispatch_by_element_size("channel_gather_", weight, [&](auto tag) {
       using T = decltype(tag);
@@ -169,7 +172,7 @@ at::Tensor channel_gather__cpu(const at::Tensor& weight, const std::optional<at:
       gather_range(g, plan, w, w, first_moved, parallel_from);
       for (int64_t s = parallel_from; s < n;) {
         const int64_t e = std::min(n, s + gap(s));
-        at::parallel_for(s, e, cpu::kGrainSize, [&](int64_t begin, int64_t end) {
+        at::parallel_for(s, e, gather_grain(), [&](int64_t begin, int64_t end) {
           gather_range(g, plan, w, w, begin, end);
         });
         s = e;

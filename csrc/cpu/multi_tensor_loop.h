@@ -12,18 +12,16 @@
 namespace slimcore {
 namespace cpu {
 
-// Elements per task, as ATen's elementwise kernels use: smaller lists run on one thread.
-constexpr int64_t kGrainSize = 32768;
-
 // Calls f(tensor_index, begin, end) over half-open element ranges that together cover every
-// element of every tensor exactly once. Ranges may run on different threads.
+// element of every tensor exactly once. Ranges may run on different threads, each task holding
+// at least `grain` elements (cost_model.h: sized by time, so a small list runs on one thread).
 template <typename F>
-void for_each_range(at::TensorList tensors, F&& f) {
+void for_each_range(at::TensorList tensors, int64_t grain, F&& f) {
   std::vector<int64_t> offsets(tensors.size() + 1, 0);
   for (size_t i = 0; i < tensors.size(); ++i) offsets[i + 1] = offsets[i] + tensors[i].numel();
   const int64_t total = offsets.back();
   if (total == 0) return;
-  at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     // Last tensor whose first element is <= begin; empty tensors are skipped below.
     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
     while (begin < end) {

@@ -5,6 +5,7 @@
 
 #include "../penalty_args.h"
 #include "multi_tensor_loop.h"
+#include "penalty_cost.h"
 
 namespace slimcore {
 namespace {
@@ -14,9 +15,10 @@ void penalty_prox_cpu(at::TensorList weights, c10::string_view penalty, c10::Arr
   const PenaltyParams pp = parse_penalty(penalty, p, a, knee, eps);
   check_tensor_list(weights, "weights");
   const std::vector<double> scales = expand_scales(scale, weights.size(), "scale");
+  const int64_t grain = cpu::penalty_grain(cpu::PenaltyOp::Prox, pp);
   dispatch_penalty_kind(pp.kind, [&](auto kind) {
     constexpr PenaltyKind K = decltype(kind)::value;
-    cpu::for_each_range(weights, [&](size_t t, int64_t begin, int64_t end) {
+    cpu::for_each_range(weights, grain, [&](size_t t, int64_t begin, int64_t end) {
       if (scales[t] == 0.0) return;  // prox of a zero step is the identity
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[t].scalar_type(), "penalty_prox_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;

@@ -5,6 +5,7 @@
 
 #include "../penalty_args.h"
 #include "multi_tensor_loop.h"
+#include "penalty_cost.h"
 
 namespace slimcore {
 namespace {
@@ -16,9 +17,10 @@ void penalty_subgradient_cpu(at::TensorList weights, at::TensorList grads, c10::
   check_tensor_list(grads, "grads");
   check_grads_match(weights, grads);
   const std::vector<double> scales = expand_scales(scale, weights.size(), "scale");
+  const int64_t grain = cpu::penalty_grain(cpu::PenaltyOp::Subgradient, pp);
   dispatch_penalty_kind(pp.kind, [&](auto kind) {
     constexpr PenaltyKind K = decltype(kind)::value;
-    cpu::for_each_range(weights, [&](size_t t, int64_t begin, int64_t end) {
+    cpu::for_each_range(weights, grain, [&](size_t t, int64_t begin, int64_t end) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[t].scalar_type(), "penalty_subgradient_cpu",
                                       [&] {
                                         using acc_t = at::opmath_type<scalar_t>;

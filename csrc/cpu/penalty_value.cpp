@@ -8,6 +8,7 @@
 
 #include "../penalty_args.h"
 #include "multi_tensor_loop.h"
+#include "penalty_cost.h"
 
 namespace slimcore {
 namespace {
@@ -23,9 +24,10 @@ at::Tensor penalty_value_cpu(at::TensorList weights, c10::string_view penalty, c
   // Per-range partial sums in double, combined under a lock: the lists are small (BN layers).
   double total = 0.0;
   std::mutex total_mutex;
+  const int64_t grain = cpu::penalty_grain(cpu::PenaltyOp::Value, pp);
   dispatch_penalty_kind(pp.kind, [&](auto kind) {
     constexpr PenaltyKind K = decltype(kind)::value;
-    cpu::for_each_range(weights, [&](size_t t, int64_t begin, int64_t end) {
+    cpu::for_each_range(weights, grain, [&](size_t t, int64_t begin, int64_t end) {
       double partial = 0.0;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[t].scalar_type(), "penalty_value_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
