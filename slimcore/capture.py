@@ -243,8 +243,9 @@ class _Recorder(TorchDispatchMode):
             self.current = (tuple(self.stack), func.overloadpacket.__name__)
         if self.shape_only and func in _SHAPE_ONLY:
             meta_out = func(*[self.meta_of(a) for a in args], **{k: self.meta_of(a) for k, a in kwargs.items()})
+            # uninitialised: its values are marked garbage anyway, and zero-filling costs page faults
             out = torch.empty_strided(meta_out.shape, meta_out.stride(), dtype=meta_out.dtype,
-                                      device=inputs[0].device).zero_()
+                                      device=inputs[0].device)
             garbage = True
         else:
             out = func(*args, **kwargs)
