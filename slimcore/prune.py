@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
