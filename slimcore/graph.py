@@ -1160,7 +1160,7 @@ def constants(graph, removed_atom, betas=True):
             const[outs[0]] = const[ins[0]] + c
             continue
         name = node.op[:-1] if node.op.endswith("_") and not node.op.endswith("__") else node.op
-        if name in _MOVES or (name == "cat" and all(
+        if name in _MOVES or _constant_average(node) or (name == "cat" and all(
                 info[t.id].dim == info[outs[0]].dim for t in node.args[0] if t.id in info)):
             by_atom = {}
             for v in node.refs():
@@ -1183,6 +1183,19 @@ def constants(graph, removed_atom, betas=True):
                 if v in const:
                     const[outs[0]] = const[v] * _reduced_size(cap, node)
     return const
+
+
+def _constant_average(node):
+    """An average pooling that maps a constant plane to the same constant: no zero padding counted
+    in (padding 0 without ceil_mode, or count_include_pad=False) and no divisor override."""
+    if node.op not in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+        return False
+    args = list(node.args) + [None] * 7
+    padding, ceil_mode = args[3] or (0,), bool(args[4])
+    count_include_pad = True if args[5] is None else bool(args[5])
+    if args[6] is not None:
+        return False
+    return not count_include_pad or (not any(padding) and not ceil_mode)
 
 
 def _reduced_size(cap, node):
