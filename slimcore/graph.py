@@ -127,6 +127,7 @@ class ChannelGraph:
     capture: object = None  # the slimcore.capture.Capture analysed
     info: dict = field(default_factory=dict)  # value id -> ChannelInfo
     checks: list = field(default_factory=list)  # node indices whose sizes may be written in the code
+    chunks: list = field(default_factory=list)  # node indices of chunk() calls along channels (sized by the code itself)
     reads: dict = field(default_factory=dict)  # conv/linear name -> value ids of its input, per call
     node_module: dict = field(default_factory=dict)  # node index -> (module name, "producer" | "bn" | "constant")
     _owner: list = field(default_factory=list)  # per new_atoms call: (owner id, count)
@@ -697,6 +698,8 @@ class _Rules:
                 self.g.union(pieces[0][0], atoms)
         if not (equal and node.pycall == ("chunk",)) and len(pieces) > 1:
             self.g.checks.append(node.index)
+        elif len(pieces) > 1:
+            self.g.chunks.append(node.index)
         for v, (atoms, taint) in zip(node.outputs, pieces):
             self.set(v, atoms, taint, d)
 

@@ -670,6 +670,28 @@ def _check_sizes(model, inputs, graph, kept_atom, collapsed, fixes):
     return problems, copy_model
 
 
+def _chunk_attribute_fixes(model, inputs, graph, kept_atom, collapsed, fixes):
+    """A module that splits with chunk() in the forward that ran may split by an attribute in
+    another (ultralytics' C2f: chunk(2, 1) in forward, split((self.c, self.c), 1) in forward_split,
+    which its ONNX export uses): integer attributes of that module holding the old piece size
+    follow the new one. Kept only if the pruned copy still runs as planned."""
+    from .graph import size_changes
+
+    found = []
+    for i in graph.chunks:
+        node = graph.capture.nodes[i]
+        if not node.stack:
+            continue
+        changes = size_changes(graph, node, kept_atom)
+        name = node.stack[-1]
+        found += [f for f in attribute_fixes(model, node, changes) if f[0] == name and f not in fixes + found]
+    if found:
+        problems, _ = _check_sizes(model, inputs, graph, kept_atom, collapsed, fixes + found)
+        if problems:
+            return []
+    return found
+
+
 def _similar_fixes(copy_model, graph, kept_atom, found, fixes):
     """The same attribute fixes at the other check nodes of modules of the same classes (a CSP
     stage repeated five times has five splits sized by the same attribute): found in one run
@@ -906,6 +928,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         classes, blocks, (removed, threshold, collapsed), fixes = _fit_sizes(
             model, inputs, graph, classes, blocks, (removed, threshold, collapsed), redecide)
     kept_atom = ~removed[classes.of_atom]
+    fixes += _chunk_attribute_fixes(model, inputs, graph, kept_atom, collapsed, fixes)
     plans = _plans(graph, kept_atom)
     in_collapsed = _in_collapsed(plans, collapsed)
     stream_of = {b.name: b.stream_atoms for b in graph.residual_blocks}

@@ -98,9 +98,12 @@ def test_yolo_models_prune_exactly(name):
     assert 1 - report.params_after / report.params_before >= 0.4
 
 
-def test_pruned_yolo_runs_in_ultralytics(tmp_path):
-    """Predict on an image array, fuse, validate shapes: the pruned model through ultralytics.YOLO."""
+def test_pruned_yolo_runs_in_ultralytics(tmp_path, monkeypatch):
+    """Predict on an image array, export to ONNX with ultralytics' exporter (which runs C2f's
+    forward_split, sized by C2f.c: the attribute follows the pruned width), fuse."""
     ultralytics = pytest.importorskip("ultralytics")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)  # the exporter writes next to the model's name
     yolo = ultralytics.YOLO("yolov8n.yaml")
     randomize_batchnorms(yolo.model)
     x = torch.randn(1, 3, 64, 64)
@@ -112,6 +115,10 @@ def test_pruned_yolo_runs_in_ultralytics(tmp_path):
     yolo.model.eval()
     with torch.no_grad():
         before = yolo.model(x)[0]
+    session = onnxruntime.InferenceSession(yolo.export(format="onnx", imgsz=64, simplify=False))
+    exported = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(exported, before.numpy(), rtol=1e-3, atol=1e-3 * float(before.abs().max()))
+    with torch.no_grad():
         yolo.model.fuse(verbose=False)
         after = yolo.model(x)[0]
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3 * float(before.abs().max()))
