@@ -235,7 +235,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         recording = self.leaf_depth is None
-        inputs = [a for a in _flat_tensors((args, kwargs))]
+        inputs = [a for a in flat_tensors((args, kwargs))]
         reads_garbage = any(self.value_of(t) in self.c.garbage for t in inputs) if self.c.garbage else False
         if reads_garbage and func in _READS_VALUES:
             raise _NeedsValues(str(func))
@@ -258,7 +258,7 @@ class _Recorder(TorchDispatchMode):
         node = self.add_node(func.overloadpacket.__name__, func, self.to_refs(args),
                              {k: self.to_refs(a) for k, a in kwargs.items()}, pycall=self.pycall)
         outputs = []
-        for t in _flat_tensors(out):
+        for t in flat_tensors(out):
             if any(t is w for w in written):
                 self.alias_writes(t, node)
             outputs.append(self.new_value(t, node.index, garbage))
@@ -354,9 +354,9 @@ class _Recorder(TorchDispatchMode):
             node = self.add_node("leaf", None, tuple(Ref(v) if v is not None else None for v in call.inputs), {},
                                  module=name)
             garbage = (not self.c.computed) or any(v in self.c.garbage for v in call.inputs if v is not None)
-            node.outputs = tuple(self.new_value(t, node.index, garbage) for t in _flat_tensors(output))
+            node.outputs = tuple(self.new_value(t, node.index, garbage) for t in flat_tensors(output))
         call.end = len(self.c.nodes)
-        call.outputs = [self.value_of(t) for t in _flat_tensors(output)]
+        call.outputs = [self.value_of(t) for t in flat_tensors(output)]
 
 
 class _PythonCalls(TorchFunctionMode):
@@ -397,15 +397,15 @@ def _size_call(func, args, kwargs):
     return None
 
 
-def _flat_tensors(obj):
+def flat_tensors(obj):
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for a in obj:
-            yield from _flat_tensors(a)
+            yield from flat_tensors(a)
     elif isinstance(obj, dict):
         for a in obj.values():
-            yield from _flat_tensors(a)
+            yield from flat_tensors(a)
 
 
 _WRITES = {}
@@ -484,7 +484,7 @@ def _run(model, inputs, leaf_types, leaf_ids, shape_only):
                 c.inputs.append(node.outputs[0])
         with torch.no_grad(), _PythonCalls(rec), rec:
             out = model(*inputs)
-        outs = [rec.ref(t) for t in _flat_tensors(out)]
+        outs = [rec.ref(t) for t in flat_tensors(out)]
         c.outputs = outs
         rec.add_node("output", None, tuple(Ref(v) for v in outs), {})
     except _NeedsValues:

@@ -28,7 +28,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import ops
 from .criteria import CRITERIA, atom_scores
-from .graph import analyze, attribute_fixes, meta_copy, verify
+from .capture import flat_tensors
+from .graph import analyze, attribute_fixes, meta_copy, size_changes, verify
 from .nn import ResidualConstant, set_compensation, set_input_selection
 from .profile import _as_tuple, count_params
 from .widths import LatencyTable, choose_widths
@@ -675,16 +676,10 @@ def _chunk_attribute_fixes(model, inputs, graph, kept_atom, collapsed, fixes):
     another (ultralytics' C2f: chunk(2, 1) in forward, split((self.c, self.c), 1) in forward_split,
     which its ONNX export uses): integer attributes of that module holding the old piece size
     follow the new one. Kept only if the pruned copy still runs as planned."""
-    from .graph import size_changes
-
     found = []
-    for i in graph.chunks:
-        node = graph.capture.nodes[i]
-        if not node.stack:
-            continue
-        changes = size_changes(graph, node, kept_atom)
-        name = node.stack[-1]
-        found += [f for f in attribute_fixes(model, node, changes) if f[0] == name and f not in fixes + found]
+    for node, f in _fixes_at(model, graph, graph.chunks, kept_atom):
+        if f[0] == node.stack[-1] and f not in fixes + found:
+            found.append(f)
     if found:
         problems, _ = _check_sizes(model, inputs, graph, kept_atom, collapsed, fixes + found)
         if problems:
@@ -696,22 +691,23 @@ def _similar_fixes(copy_model, graph, kept_atom, found, fixes):
     """The same attribute fixes at the other check nodes of modules of the same classes (a CSP
     stage repeated five times has five splits sized by the same attribute): found in one run
     instead of one run each."""
-    from .graph import size_changes
-
     kinds = {(type(copy_model.get_submodule(name)), attr) for name, attr, _, _ in found}
     extra = []
-    for i in graph.checks:
-        node = graph.capture.nodes[i]
-        if not node.stack:
-            continue
-        changes = size_changes(graph, node, kept_atom)
-        if not changes:
-            continue
-        for f in attribute_fixes(copy_model, node, changes):
-            if (type(copy_model.get_submodule(f[0])), f[1]) in kinds and f not in found and f not in fixes \
-                    and f not in extra:
-                extra.append(f)
+    for _, f in _fixes_at(copy_model, graph, graph.checks, kept_atom):
+        if (type(copy_model.get_submodule(f[0])), f[1]) in kinds and f not in found + fixes + extra:
+            extra.append(f)
     return extra
+
+
+def _fixes_at(model, graph, node_indices, kept_atom):
+    """(node, attribute fix) for every module attribute that holds a size the plan changes at the
+    listed nodes (graph.attribute_fixes on graph.size_changes)."""
+    for i in node_indices:
+        node = graph.capture.nodes[i]
+        changes = size_changes(graph, node, kept_atom) if node.stack else None
+        if changes:
+            for f in attribute_fixes(model, node, changes):
+                yield node, f
 
 
 def _fit_sizes(model, inputs, graph, classes, blocks, decided, redecide):
@@ -997,7 +993,8 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             if target is not None and compensate:
                 was_training = model.training
                 model.eval()
-                diffs = [(a - b).abs().flatten() for a, b in zip(_tensors(model(*inputs)), _tensors(target))]
+                pairs = zip(flat_tensors(model(*inputs)), flat_tensors(target))
+                diffs = [(a - b).abs().flatten() for a, b in pairs]
                 model.train(was_training)
                 diff = torch.cat(diffs) if diffs else torch.zeros(1)
                 max_error, mean_error = float(diff.max()), float(diff.mean())
@@ -1048,17 +1045,6 @@ def _head_width_fixes(model, plans):
                 setattr(model, attr, len(plan.in_keep))
                 changed.append(("", attr, value, len(plan.in_keep)))
     return changed
-
-
-def _tensors(out):
-    """The tensors of a model's output (a tensor, or tuples/lists/dicts of them), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for a in out for t in _tensors(a)]
-    return []
 
 
 def _symbolic_constants(graph, kept_atom, consumers, collapsed, betas):
