@@ -121,6 +121,7 @@ class Capture:
     calls: list = field(default_factory=list)  # Call per submodule call, in call order
     inputs: list = field(default_factory=list)  # value ids of the model's tensor inputs
     outputs: list = field(default_factory=list)  # value ids of the model's tensor outputs
+    output_paths: list = field(default_factory=list)  # where each output sits in the returned structure
     computed: bool = False  # every op was computed (no shape-only ops)
     seconds: float = 0.0
 
@@ -398,14 +399,18 @@ def _size_call(func, args, kwargs):
 
 
 def flat_tensors(obj):
+    return (t for _, t in tensor_paths(obj))
+
+
+def tensor_paths(obj, path=""):
+    """(path, tensor) for every tensor in nested lists, tuples and dicts, in order. A path joins
+    the indices and keys with dots: "0", "1.feats.2"; a lone tensor's path is ""."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for a in obj:
-            yield from flat_tensors(a)
-    elif isinstance(obj, dict):
-        for a in obj.values():
-            yield from flat_tensors(a)
+        yield path, obj
+    elif isinstance(obj, (list, tuple, dict)):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, a in items:
+            yield from tensor_paths(a, f"{path}.{key}" if path else str(key))
 
 
 _WRITES = {}
@@ -484,8 +489,9 @@ def _run(model, inputs, leaf_types, leaf_ids, shape_only):
                 c.inputs.append(node.outputs[0])
         with torch.no_grad(), _PythonCalls(rec), rec:
             out = model(*inputs)
-        outs = [rec.ref(t) for t in flat_tensors(out)]
-        c.outputs = outs
+        paths = list(tensor_paths(out))
+        outs = [rec.ref(t) for _, t in paths]
+        c.outputs, c.output_paths = outs, [p for p, _ in paths]
         rec.add_node("output", None, tuple(Ref(v) for v in outs), {})
     except _NeedsValues:
         raise

@@ -37,6 +37,7 @@ as planned; otherwise the channels that node reads are frozen and the decision i
 """
 
 import copy
+import difflib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -239,32 +240,32 @@ def _op_name(node):
 def _view_map(in_shape, out_shape, d):
     """Where dimension d of in_shape lands in a view to out_shape: (dim, block) when the channels
     stay whole and outermost in one output dimension (block: elements per channel merged into
-    it, flatten); None when they are split or merged behind another dimension."""
-    pre = math.prod(in_shape[:d])
-    acc, j = 1, 0
-    while j < len(out_shape) and acc < pre:
-        acc *= out_shape[j]
-        j += 1
-    if acc != pre:
-        return None
-    c = in_shape[d]
-    while j < len(out_shape) and out_shape[j] == 1 and c != 1:
-        j += 1
-    if j >= len(out_shape) or out_shape[j] % c:
-        return None
-    block = out_shape[j] // c
-    acc, k = 1, d + 1
-    while acc < block and k < len(in_shape):
-        acc *= in_shape[k]
-        k += 1
-    return (j, block) if acc == block else None
+    it, flatten); None when they are split or merged behind another dimension.
+
+    Output dim j holds the channels when the dims before it hold exactly the elements before
+    them and its size is channels x block with block dividing the elements after them. Size-1
+    dims make several j fit (a batch of one, a single channel); the one nearest d is taken.
+    """
+    pre, c = math.prod(in_shape[:d]), in_shape[d]
+    inner = math.prod(in_shape[d + 1:])
+    best = None
+    for j in range(len(out_shape)):
+        if math.prod(out_shape[:j]) != pre or out_shape[j] % c:
+            continue
+        block = out_shape[j] // c
+        if block * math.prod(out_shape[j + 1:]) != inner:
+            continue
+        if best is None or abs(j - d) <= abs(best[0] - d):
+            best = (j, block)
+    return best
 
 
 class _Rules:
     """Walks a Capture and builds its ChannelGraph."""
 
-    def __init__(self, model, cap, ignore):
+    def __init__(self, model, cap, ignore, keep_outputs=None):
         self.c = cap
+        self.keep_outputs = keep_outputs  # None: every output keeps its channels; else path prefixes
         self.modules = dict(model.named_modules())
         self.g = ChannelGraph(capture=cap)
         self.info = self.g.info
@@ -353,9 +354,9 @@ class _Rules:
             elif op in ("param", "constant"):
                 continue
             elif op == "output":
-                for v in node.refs():
+                for v, path in zip(self.c.outputs, self.c.output_paths):
                     inf = self.info.get(v)
-                    if inf is not None:
+                    if inf is not None and self.keeps_output(path):
                         self.g.freeze(inf.atoms, "model outputs keep their channels")
             elif op == "leaf":
                 self.leaf(node)
@@ -366,6 +367,10 @@ class _Rules:
                 self.aten(node)
         self.find_residual_blocks()
         return self.g
+
+    def keeps_output(self, path):
+        keep = self.keep_outputs
+        return keep is None or any(path == p or path.startswith(p + ".") or p == "" for p in keep)
 
     # -- modules ---------------------------------------------------------------------------------
     def leaf(self, node):
@@ -937,11 +942,18 @@ def _nonzero_at_zero(node):
     return bool((r != 0).any()) or bool(torch.isnan(r).any()) if r.dtype != torch.bool else bool(r.any())
 
 
-def analyze(model, example_inputs, ignore=(), leaf_modules=()):
-    """Captures ``model`` and returns its ChannelGraph. ``ignore``: module names whose channels stay."""
+def analyze(model, example_inputs, ignore=(), leaf_modules=(), keep_outputs=None):
+    """Captures ``model`` and returns its ChannelGraph. ``ignore``: module names whose channels
+    stay; ``keep_outputs``: None (every output keeps its channels) or the paths of the outputs that
+    do (see slimcore.capture.tensor_paths; a path also keeps everything under it)."""
     leaves = (nn.Linear, *PLAIN_CONV, *leaf_modules)
     cap = capture(model, example_inputs, leaf_modules=leaves)
-    return _Rules(model, cap, set(ignore)).run()
+    if keep_outputs is not None:
+        for p in keep_outputs:
+            if not any(q == p or q.startswith(p + ".") or p == "" for q in cap.output_paths):
+                raise ValueError(f"slimcore.prune: keep_outputs names '{p}', which is not an output of the model; "
+                                 f"its tensor outputs are at {', '.join(repr(q) for q in cap.output_paths)}")
+    return _Rules(model, cap, set(ignore), keep_outputs).run()
 
 
 
@@ -987,8 +999,7 @@ def expected_shape(graph, v, kept_atom):
 
 
 def _node_keys(cap):
-    """(module stack, op, occurrence) of every node: the same key names the same op in a capture
-    of the pruned model, whose nodes shift where collapsed blocks are gone."""
+    """(module stack, op, occurrence) of every node."""
     counts = defaultdict(int)
     keys = []
     for node in cap.nodes:
@@ -996,6 +1007,40 @@ def _node_keys(cap):
         keys.append((k, counts[k]))
         counts[k] += 1
     return keys
+
+
+class _NodeMatch:
+    """Which node of a capture of the pruned model is node i of the dense capture. Nodes are
+    compared per module stack, as sequences of op names aligned by difflib: the pruned model may
+    run ops the dense capture did not (a cache keyed by a shape that changed: ultralytics' Detect
+    remakes its anchors) or skip some (collapsed blocks), and the rest must still line up."""
+
+    def __init__(self, old, new):
+        self.old, self.new = self._by_stack(old), self._by_stack(new)
+        self.position = {}  # dense node index -> (stack, position in its stack's list)
+        for stack, nodes in self.old.items():
+            for k, node in enumerate(nodes):
+                self.position[node.index] = (stack, k)
+        self.maps = {}
+
+    @staticmethod
+    def _by_stack(cap):
+        out = defaultdict(list)
+        for node in cap.nodes:
+            out[node.stack].append(node)
+        return out
+
+    def __call__(self, i):
+        stack, k = self.position[i]
+        m = self.maps.get(stack)
+        if m is None:
+            old, new = self.old[stack], self.new.get(stack, [])
+            m = self.maps[stack] = {}
+            matcher = difflib.SequenceMatcher(None, [n.op for n in old], [n.op for n in new], autojunk=False)
+            for a, b, size in matcher.get_matching_blocks():
+                for t in range(size):
+                    m[a + t] = new[b + t]
+        return m.get(k)
 
 
 @dataclass
@@ -1024,16 +1069,16 @@ def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
         if new is None:
             return [SizeMismatch(None, {}, str(exc), list(graph.checks))]
     keys = _node_keys(cap)
-    index = {k: j for j, k in enumerate(_node_keys(new))}
+    match = _NodeMatch(cap, new)
     checks = sorted(set(graph.checks) | {cap.producer[v] for v in cap.outputs})
     unverified, mismatches = [], []
     for i in checks:
         node = cap.nodes[i]
-        j = index.get(keys[i])
-        if j is None:
+        twin = match(i)
+        if twin is None:
             unverified.append(i)
             continue
-        got = [tuple(new.shapes[v]) for v in new.nodes[j].outputs]
+        got = [tuple(new.shapes[v]) for v in twin.outputs]
         want = [expected_shape(graph, v, kept_atom) for v in node.outputs]
         if got != want:
             mismatches.append(SizeMismatch(

@@ -627,10 +627,29 @@ def _module_names(model, items):
     return names
 
 
-def _analysis(model, inputs, criterion, ignore, leaf_modules, history, seed, compensate, collapse_blocks):
+def _keep_outputs(value):
+    """keep_outputs as analyze() takes it: None (all) or a tuple of output paths."""
+    if value is True:
+        return None
+    if value is False:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        paths = tuple(value)
+    except TypeError:
+        raise TypeError(f"slimcore.prune: keep_outputs must be True, False or output paths (str), got {value!r}") from None
+    if not all(isinstance(p, str) for p in paths):
+        raise TypeError(f"slimcore.prune: keep_outputs paths must be strings like '0' or '1.feats', got {value!r}")
+    return paths
+
+
+def _analysis(model, inputs, criterion, ignore, leaf_modules, history, seed, compensate, collapse_blocks,
+              keep_outputs=True):
     """What prune() knows before it picks a ratio: the traced graph, the scored channel classes and
     the residual blocks that may collapse."""
-    graph = analyze(model, inputs, ignore=_module_names(model, ignore), leaf_modules=leaf_modules)
+    graph = analyze(model, inputs, ignore=_module_names(model, ignore), leaf_modules=leaf_modules,
+                    keep_outputs=_keep_outputs(keep_outputs))
     scores = atom_scores(graph, criterion, history=history, seed=seed)
     classes = _Classes(graph, scores)
     blocks = _collapsible_blocks(graph, classes, compensate) if collapse_blocks else []
@@ -819,7 +838,7 @@ def _flops_after(graph, plans, collapsed, in_collapsed):
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
           history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True,
-          deploy=None, check_compensation=False):
+          deploy=None, check_compensation=False, keep_outputs=True):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -845,8 +864,12 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             constant output) instead of keeping a ``min_channels`` sliver of it. Exact when the
             branch's channels are dead; with compensation, only for branches whose last conv has
             no zero padding (a bottleneck's 1x1), where that constant is per channel.
-        ignore: modules (or names) whose channels stay as they are. The model's outputs (e.g.
-            the classifier's logits) always stay.
+        ignore: modules (or names) whose channels stay as they are.
+        keep_outputs: which of the model's tensor outputs keep their channels: True (all, e.g.
+            the classifier's logits), False (none), or paths into the returned structure, each
+            keeping everything under it: ``["0"]`` keeps the first element of a returned tuple, so
+            auxiliary outputs after it (an ultralytics head's "feats" in eval mode: the neck's
+            features) shrink with the pruned layers that produce them.
         optimizer: its state (momentum, Adam moments) is compacted along with the parameters,
             which keep their identity, so training can continue. Compaction is in place: any
             other reference to those state tensors (e.g. an un-copied ``state_dict()``) shrinks too.
@@ -891,7 +914,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         raise TypeError(f"slimcore.prune: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     inputs = _as_tuple(example_inputs)
     graph, classes, blocks = _analysis(model, inputs, criterion, ignore, leaf_modules, history, seed, compensate,
-                                       collapse_blocks)
+                                       collapse_blocks, keep_outputs)
     width_choices, widen = [], None
     if round_to == "auto":
         table = latency_table or _default_latency_table(model, inputs, device)
@@ -904,7 +927,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
     if round_to == "auto" and check_latency and not dry_run:
         same = dict(ratio=ratio, criterion=criterion, scope=scope, min_channels=min_channels, ignore=ignore,
                     compensate=compensate, max_layer_ratio=max_layer_ratio, collapse_blocks=collapse_blocks,
-                    history=history, seed=seed, leaf_modules=leaf_modules)
+                    history=history, seed=seed, leaf_modules=leaf_modules, keep_outputs=keep_outputs)
         widened = any(c.chosen != c.asked for c in width_choices)
         latency_check = _whole_model_check(model, inputs, table, same, widened, deploy)
         if latency_check["chosen"] != "auto":
@@ -994,7 +1017,8 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                 was_training = model.training
                 model.eval()
                 pairs = zip(flat_tensors(model(*inputs)), flat_tensors(target))
-                diffs = [(a - b).abs().flatten() for a, b in pairs]
+                # outputs freed by keep_outputs may have lost channels: compare the others
+                diffs = [(a - b).abs().flatten() for a, b in pairs if a.shape == b.shape]
                 model.train(was_training)
                 diff = torch.cat(diffs) if diffs else torch.zeros(1)
                 max_error, mean_error = float(diff.max()), float(diff.mean())
@@ -1100,7 +1124,7 @@ def _dry_measure(model, example_inputs, quantity, **prune_kwargs):
     o = o.arguments
     graph, classes, blocks = _analysis(model, _as_tuple(example_inputs), o["criterion"], o["ignore"],
                                        _leaf_modules(o["leaf_modules"]), o["history"], o["seed"], o["compensate"],
-                                       o["collapse_blocks"])
+                                       o["collapse_blocks"], o["keep_outputs"])
 
     def measure(ratio):
         removed, _, collapsed = decide(classes, ratio, o["scope"], int(o["round_to"]), int(o["min_channels"]),

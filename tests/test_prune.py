@@ -88,6 +88,20 @@ def test_seed_models_prune_exactly(name, size, channels, ratio):
     assert report.params_after < report.params_before
 
 
+@pytest.mark.parametrize("name,size,channels", [("mlp", 28, 1), ("lenet5", 28, 1), ("vgg11", 32, 1)])
+def test_a_batch_of_one_prunes_as_a_batch_of_two(name, size, channels):
+    """A batch of one with a single input channel makes flatten's view ambiguous ([1, 1, 28, 28]
+    -> [1, 784] fits the channels into dim 0 or dim 1); the MLP froze every layer when dim 0 was
+    taken. The same channels go whatever the batch size."""
+    removed = []
+    for batch in (1, 2):
+        model, x = build_seed(name, size, channels)
+        report = check_prune(model, x[:1].expand(batch, -1, -1, -1).contiguous(), ratio=0.5)
+        assert report.params_after < 0.7 * report.params_before
+        removed.append({k: sorted(v) for k, v in report.removed.items()})
+    assert removed[0] == removed[1]
+
+
 @pytest.mark.parametrize("criterion", ["l1_filter", "cfp", "random"])
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
 def test_other_criteria_prune_exactly(name, criterion):
