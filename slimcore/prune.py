@@ -12,6 +12,8 @@ listed modules.
 """
 
 import copy
+import functools
+import gc
 import inspect
 import math
 import numbers
@@ -835,6 +837,26 @@ def _flops_after(graph, plans, collapsed, in_collapsed):
     return flops
 
 
+def _without_cyclic_gc(fn):
+    """Runs fn with Python's cyclic garbage collector paused. A prune allocates tens of thousands
+    of short-lived objects (the capture's nodes), freed by reference counting; with the collector
+    on, those allocations set off collections of the whole process heap (0.13 s on the first prune
+    after importing torch and torchvision, 4x the prune itself)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
+
+
+@_without_cyclic_gc
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
           history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True,
