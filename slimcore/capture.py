@@ -154,6 +154,13 @@ def _meta(t):
 
 
 class _Recorder(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls):
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable unless told otherwise:
+        # an import of dynamo on the first op (~1 s in a fresh process) and a frame per op, for
+        # a mode that only ever runs eager code
+        return False
+
     def __init__(self, capture, model, leaf_types, leaf_ids, shape_only):
         super().__init__()
         self.c = capture

@@ -238,26 +238,43 @@ def _op_name(node):
 
 
 def _view_map(in_shape, out_shape, d):
-    """Where dimension d of in_shape lands in a view to out_shape: (dim, block) when the channels
-    stay whole and outermost in one output dimension (block: elements per channel merged into
-    it, flatten); None when they are split or merged behind another dimension.
+    """Where dimension d (the channels) of in_shape lands in a view to out_shape, as
+    (dim, block, outer) when it stays whole in one output dimension: that dimension holds
+    ``outer`` repeats of the channels (dims before d merged into it, e.g. attention heads merged
+    back), each channel spread over ``block`` elements (dims after it merged in: flatten). None
+    when the channels are split across dimensions or merged behind another one.
 
-    Output dim j holds the channels when the dims before it hold exactly the elements before
-    them and its size is channels x block with block dividing the elements after them. Size-1
-    dims make several j fit (a batch of one, a single channel); the one nearest d is taken.
+    Output dim j holds the channels when the dims before it hold exactly the elements of the dims
+    before the merged ones and the dims after it the rest. Size-1 dims make several j fit (a batch
+    of one, a single channel); the one nearest d is taken, without outer merges where possible.
     """
-    pre, c = math.prod(in_shape[:d]), in_shape[d]
-    inner = math.prod(in_shape[d + 1:])
+    c, inner = in_shape[d], math.prod(in_shape[d + 1:])
     best = None
-    for j in range(len(out_shape)):
-        if math.prod(out_shape[:j]) != pre or out_shape[j] % c:
-            continue
-        block = out_shape[j] // c
-        if block * math.prod(out_shape[j + 1:]) != inner:
-            continue
-        if best is None or abs(j - d) <= abs(best[0] - d):
-            best = (j, block)
-    return best
+    for s in range(d, -1, -1):  # the merge starts at input dim s
+        pre, outer = math.prod(in_shape[:s]), math.prod(in_shape[s:d])
+        for j in range(len(out_shape)):
+            if math.prod(out_shape[:j]) != pre or out_shape[j] % (c * outer):
+                continue
+            block = out_shape[j] // (c * outer)
+            if block * math.prod(out_shape[j + 1:]) != inner:
+                continue
+            if best is None or abs(j - d) <= abs(best[0] - d):
+                best = (j, block, outer)
+        if best is not None:
+            return best
+    return None
+
+
+def _head_split(in_shape, out_shape, d):
+    """(dim, groups) when a view splits the channels (dim d) into two output dims, groups x
+    per-group (multi-head attention: [B, C, H, W] -> [B, heads, C / heads, H * W]), the dims
+    around them holding the elements before and after the channels; else None."""
+    c, pre, inner = in_shape[d], math.prod(in_shape[:d]), math.prod(in_shape[d + 1:])
+    for j in range(len(out_shape) - 1):
+        if math.prod(out_shape[:j]) == pre and out_shape[j] * out_shape[j + 1] == c and out_shape[j] > 1 \
+                and out_shape[j + 1] > 1 and math.prod(out_shape[j + 2:]) == inner:
+            return j + 1, out_shape[j]
+    return None
 
 
 class _Rules:
@@ -583,12 +600,23 @@ class _Rules:
         in_shape, out_shape = self.shape(x), self.shape(node.outputs[0])
         mapped = _view_map(in_shape, out_shape, inf.dim)
         if mapped is None:
-            return self.opaque(node, f"reshapes that split or merge channels (aten.{node.op})")
-        d, block = mapped
+            split = _head_split(in_shape, out_shape, inf.dim) if node.op != "expand" else None
+            if split is None:
+                return self.opaque(node, f"reshapes that split or merge channels (aten.{node.op})")
+            # Channel j of every group is one channel to the pruner (the groups keep equal sizes,
+            # as the view needs); the output's channel dim is the per-group one.
+            d, groups = split
+            atoms, taint = inf.atoms.reshape(groups, -1), inf.taint.reshape(groups, -1)
+            for k in range(1, groups):
+                self.g.union(atoms[0], atoms[k])
+            self.g.checks.append(node.index)
+            return self.set(node.outputs[0], atoms[0].copy(), taint.any(0), d)
+        d, block, outer = mapped
         changed = tuple(in_shape) != tuple(out_shape)
         if changed and node.op != "expand" and not self.sized_by_python(node, out_shape, d):
             self.g.checks.append(node.index)
-        self.set(node.outputs[0], np.repeat(inf.atoms, block), np.repeat(inf.taint, block), d)
+        self.set(node.outputs[0], np.tile(np.repeat(inf.atoms, block), outer),
+                 np.tile(np.repeat(inf.taint, block), outer), d)
 
     @staticmethod
     def sized_by_python(node, out_shape, d):
@@ -601,6 +629,50 @@ class _Rules:
             sizes = node.pycall[1]
             return len(sizes) == len(out_shape) and sizes[d] == -1
         return False
+
+    def op_bmm(self, node):
+        """A @ B over the last two dims ([b,] n, k @ [b,] k, m). Channels along k in both (attention
+        scores q^T k) go together; channels of A's rows or B's columns stay channels of the
+        output's rows or columns. A contraction against an untracked side, or two live channel
+        dims in the output, has no rule."""
+        a, b = node.args[0].id, node.args[1].id
+        nd = len(self.shape(a))
+        ia, ib = self.info.get(a), self.info.get(b)
+        da = None if ia is None else ia.dim - (nd - 2)  # 0: rows, 1: the contracted dim
+        db = None if ib is None else ib.dim - (nd - 2)  # 0: the contracted dim, 1: columns
+        if (ia is not None and da < 0) or (ib is not None and db < 0):
+            return self.opaque(node, "matrix products with channels along the batch dim")
+        if (da == 1) != (db == 0):  # channels contracted against values that are not channels
+            return self.opaque(node, "matrix products contracting channels with untracked values")
+        out = node.outputs[0]
+        if da == 1:
+            if len(ia.atoms) != len(ib.atoms):
+                return self.opaque(node, "matrix products contracting different channel counts")
+            self.g.union(ia.atoms, ib.atoms)
+            self.consume(ia, "a matrix product", node)
+            self.consume(ib, "a matrix product", node)
+            inf = self.fresh(out, dim=nd - 2)
+            if inf is not None:
+                self.info[out] = inf
+            return
+        rows = ia if da == 0 else None
+        cols = ib if db == 1 else None
+        if rows is not None and cols is not None:  # one side's channels must be fixed ones
+            if self.g.frozen[rows.atoms].all():
+                rows = None
+            elif self.g.frozen[cols.atoms].all():
+                cols = None
+            else:
+                return self.opaque(node, "matrix products with channels in both rows and columns")
+        live = rows if rows is not None else cols
+        if live is None:
+            inf = self.fresh(out, dim=nd - 2)
+            if inf is not None:
+                self.info[out] = inf
+            return
+        self.set(out, live.atoms, live.taint, nd - 2 if live is rows else nd - 1)
+
+    op_mm = op_bmm
 
     def op_permute(self, node):
         inf = self.info[node.args[0].id]

@@ -15,6 +15,7 @@ import copy
 import functools
 import gc
 import inspect
+import itertools
 import math
 import numbers
 import os
@@ -708,15 +709,30 @@ def _chunk_attribute_fixes(model, inputs, graph, kept_atom, collapsed, fixes):
     return found
 
 
+def _problem_fixes(copy_model, graph, problem, kept_atom):
+    """Attribute fixes for a mismatch. A size the code computes from several attributes
+    (ultralytics' Attention views its qkv as ``key_dim * 2 + head_dim``) matches none of them,
+    and an outer module's attribute may hold the same number by chance: the module's own sizes at
+    its other checked nodes (the split by ``[key_dim, key_dim, head_dim]`` after that view) name
+    the attributes one by one, so those come first."""
+    node = problem.node
+    here = [i for i in graph.checks if i != node.index and graph.capture.nodes[i].stack == node.stack]
+    own = [f for _, f in _fixes_at(copy_model, graph, here, kept_atom) if f[0] == node.stack[-1]]
+    return list(dict.fromkeys(own)) or attribute_fixes(copy_model, node, problem.changes)
+
+
 def _similar_fixes(copy_model, graph, kept_atom, found, fixes):
     """The same attribute fixes at the other check nodes of modules of the same classes (a CSP
     stage repeated five times has five splits sized by the same attribute): found in one run
     instead of one run each."""
     kinds = {(type(copy_model.get_submodule(name)), attr) for name, attr, _, _ in found}
+    named = {(f[0], f[1]) for f in found}  # one value per attribute: the fix found first
     extra = []
     for _, f in _fixes_at(copy_model, graph, graph.checks, kept_atom):
-        if (type(copy_model.get_submodule(f[0])), f[1]) in kinds and f not in found + fixes + extra:
+        if (type(copy_model.get_submodule(f[0])), f[1]) in kinds and (f[0], f[1]) not in named \
+                and f not in fixes:
             extra.append(f)
+            named.add((f[0], f[1]))
     return extra
 
 
@@ -736,7 +752,7 @@ def _fit_sizes(model, inputs, graph, classes, blocks, decided, redecide):
     (split sizes, slices, views: graph.checks). Where a module attribute holds an old size,
     updating it is tried; otherwise the channels that node reads are frozen and the decision is
     made again. Returns (classes, blocks, (removed, threshold, collapsed), attribute fixes)."""
-    fixes, problems = [], None
+    fixes, problems, tied = [], None, set()
     for _ in range(32):
         kept_atom = ~decided[0][classes.of_atom]
         if problems is None:
@@ -746,16 +762,27 @@ def _fit_sizes(model, inputs, graph, classes, blocks, decided, redecide):
         new = []  # attribute fixes for every mismatch at once, kept where they help
         for problem in problems:
             if problem.node is not None and problem.changes:
-                new += [f for f in attribute_fixes(copy_model, problem.node, problem.changes)
+                new += [f for f in _problem_fixes(copy_model, graph, problem, kept_atom)
                         if f not in fixes and f not in new]
-        if new:
-            new += _similar_fixes(copy_model, graph, kept_atom, new, fixes)
-            again, again_model = _check_sizes(model, inputs, graph, kept_atom, decided[2], fixes + new)
-            if len(again) < len(problems) or (again and again[0].node is not problems[0].node):
-                fixes += new
+        helped = False
+        for option in _unambiguous(new):
+            option = option + _similar_fixes(copy_model, graph, kept_atom, option, fixes)
+            again, again_model = _check_sizes(model, inputs, graph, kept_atom, decided[2], fixes + option)
+            if len(again) < len(problems) or (again and _later(again[0].node, problems[0].node)):
+                fixes += option
                 problems, copy_model = again, again_model
-                continue
+                helped = True
+                break
+        if helped:
+            continue
         problem = problems[0]
+        if problem.node is not None and problem.node.index not in tied:
+            tied.add(problem.node.index)
+            if _tie_equal_pieces(graph, problem.node) or _tie_to_module_input(graph, problem.node):
+                classes, blocks = redecide(None)
+                decided = redecide(classes, blocks)
+                fixes, problems = [], None
+                continue
         nodes = [problem.node] if problem.node is not None else [graph.capture.nodes[i] for i in
                                                                  (problem.unverified or graph.checks)]
         frozen_before = int(graph.frozen.sum())
@@ -785,6 +812,73 @@ def _fit_sizes(model, inputs, graph, classes, blocks, decided, redecide):
         decided = redecide(classes, blocks)
         fixes, problems = [], None  # found again for the new decision
     raise RuntimeError("slimcore.prune: the pruned model's sizes could not be made to follow the plan")
+
+
+def _unambiguous(fixes, limit=8):
+    """The attribute fixes to try, as alternatives: all of them, or where several attributes of a
+    module hold the same old size (4 heads of 4 key channels each), one of them at a time (at most
+    ``limit`` combinations)."""
+    if not fixes:
+        return []
+    groups = {}
+    for f in fixes:
+        groups.setdefault((f[0], f[2] if isinstance(f[2], int) else None, str(f[3])), []).append(f)
+    ambiguous = [g for key, g in groups.items() if len(g) > 1 and key[1] is not None]
+    if not ambiguous:
+        return [fixes]
+    options = [fixes]
+    for choice in itertools.islice(itertools.product(*ambiguous), limit):
+        dropped = {id(f) for g, keep in zip(ambiguous, choice) for f in g if f is not keep}
+        options.append([f for f in fixes if id(f) not in dropped])
+    return options
+
+
+def _later(node, than):
+    """The first problem moved further down the model (a fix that helps)."""
+    if node is None or than is None:
+        return node is not than
+    return node.index > than.index
+
+
+def _tie_equal_pieces(graph, node):
+    """A split into equal pieces whose size comes from an attribute (ultralytics' C2PSA:
+    ``split((self.c, self.c), 1)``) stays valid with one attribute only if every piece keeps as
+    many channels: tie channel j of each piece, as for chunk. False when the pieces differ."""
+    if node.op not in ("split", "split_with_sizes"):
+        return False
+    infos = [graph.info.get(v) for v in node.outputs]
+    if len(infos) < 2 or any(inf is None for inf in infos) or len({len(inf.atoms) for inf in infos}) != 1:
+        return False
+    for inf in infos[1:]:
+        graph.union(infos[0].atoms, inf.atoms)
+    return True
+
+
+def _tie_to_module_input(graph, node):
+    """A reshape whose channel count the code takes from a module's input (ultralytics' Attention:
+    ``view(B, C, H, W)`` with ``B, C, H, W = x.shape``) needs as many channels as that input keeps:
+    tie the two position by position (channel i of one goes with channel i of the other). Ties only
+    narrow the choice, so the model stays exact; the size check runs again. False when no
+    enclosing module call has an input of the reshape's channel count."""
+    if node.op not in _VIEW_OPS:
+        return False
+    out = graph.info.get(node.outputs[0]) if node.outputs else None
+    if out is None:
+        return False
+    cap = graph.capture
+    for name in reversed(node.stack):
+        for call in cap.calls:
+            if call.name != name or not call.start <= node.index < call.end:
+                continue
+            for v in call.inputs:
+                inf = graph.info.get(v) if v is not None else None
+                if inf is not None and len(inf.atoms) == len(out.atoms) and inf.dim == out.dim:
+                    graph.union(inf.atoms, out.atoms)
+                    return True
+    return False
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "reshape"}
 
 
 def _leaf_modules(leaf_modules):

@@ -470,3 +470,59 @@ def test_channels_removed_share_is_what_the_rebuilt_layers_lost(options):
     if options.get("max_layer_ratio") == 0.6:
         assert report.channels_removed_share <= 0.6 + 1e-9 < 0.75
     assert f"channels removed: {100 * report.channels_removed_share:.1f}%" in str(report)
+
+
+class HeadsAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, sized the way detector code
+    writes it: the qkv projection is viewed into heads with sizes from attributes, split into
+    q, k, v, and the result is viewed back with the width of the block's own input."""
+
+    def __init__(self, width, heads, key_ratio=0.5):
+        super().__init__()
+        self.heads, self.value_dim = heads, width // heads
+        self.query_dim = int(self.value_dim * key_ratio)
+        self.scale = self.query_dim ** -0.5
+        self.qkv = nn.Sequential(nn.Conv2d(width, width + 2 * heads * self.query_dim, 1, bias=False),
+                                 nn.BatchNorm2d(width + 2 * heads * self.query_dim))
+        self.position = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
+                                      nn.BatchNorm2d(width))
+        self.out = nn.Sequential(nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        per_head = 2 * self.query_dim + self.value_dim
+        q, k, v = self.qkv(x).view(b, self.heads, per_head, h * w).split(
+            [self.query_dim, self.query_dim, self.value_dim], dim=2)
+        weights = (q.transpose(-2, -1) @ k * self.scale).softmax(dim=-1)
+        y = (v @ weights.transpose(-2, -1)).view(b, c, h, w) + self.position(v.reshape(b, c, h, w))
+        return self.out(y)
+
+
+class AttentionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.SiLU())
+        self.attention = HeadsAttention(32, heads=4)
+        self.head = nn.Sequential(nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16), nn.SiLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.attention(x))
+
+
+def test_multi_head_attention_prunes_whole_channels_of_every_head():
+    """Views into heads tie channel j of every head; q and k channels go together (q^T k); the
+    values and the residual stream go together position by position, since the code views the
+    values back with the input's width. Key and value widths follow through their attributes."""
+    torch.manual_seed(0)
+    model = randomize_batchnorms(AttentionNet()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = check_prune(model, x, ratio=0.5)
+    attention = model.attention
+    assert report.prunable["attention.qkv.0"][0] == report.prunable["attention.qkv.0"][1]  # all prunable
+    assert attention.value_dim < 8 and attention.query_dim < 4
+    qkv = attention.qkv[0].out_channels
+    assert qkv == attention.heads * (2 * attention.query_dim + attention.value_dim)
+    assert model.stem[0].out_channels == attention.heads * attention.value_dim
+    assert attention.scale == 2 ** -1  # the dense model's scale: the masked model keeps it too
