@@ -389,6 +389,10 @@ class _PythonCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _SDPA and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            out = _sdpa_on_meta(*args, **kwargs)
+            if out is not None:
+                return out
         note = _size_call(func, args, kwargs)
         if note is None:
             return func(*args, **kwargs)
@@ -397,6 +401,19 @@ class _PythonCalls(TorchFunctionMode):
             return func(*args, **kwargs)
         finally:
             self.recorder.pycall = previous
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpa_on_meta(query, key, value, *args, **kwargs):
+    """scaled_dot_product_attention's output on the meta device, as one op. On meta tensors torch
+    picks its math fallback (a dozen ops) where a CPU or GPU run is one fused op, and the size
+    check lines up the meta capture of the pruned model with the real capture op by op."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)) or query.dim() < 2 \
+            or query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
+        return None  # let torch raise its own error
+    return torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device="meta")
 
 
 _CHUNK = {torch.chunk, torch.Tensor.chunk}

@@ -806,6 +806,17 @@ def _fit_sizes(model, inputs, graph, classes, blocks, decided, redecide):
                                              f"'{name}'")
                 if int(graph.frozen.sum()) != frozen_before:
                     break
+        if int(graph.frozen.sum()) == frozen_before and problem.node is not None:
+            # Still no lead: every channel the innermost module call around the node touches.
+            cap = graph.capture
+            call = min((c for c in cap.calls if c.start <= problem.node.index < c.end),
+                       key=lambda c: c.end - c.start, default=None)
+            if call is not None:
+                for node in cap.nodes[call.start:call.end]:
+                    for v in (*node.refs(), *node.outputs):
+                        inf = graph.info.get(v)
+                        if inf is not None:
+                            graph.freeze(inf.atoms, "sizes the check could not follow", f"'{call.name}'")
         if int(graph.frozen.sum()) == frozen_before:
             raise RuntimeError(f"slimcore.prune: the pruned model would not run as planned: {problem.message}")
         classes, blocks = redecide(None)

@@ -174,3 +174,21 @@ def test_size_attributes_are_updated_where_the_code_splits_by_them():
     for stage in model.stages:
         if hasattr(stage, "expand_chs"):
             assert stage.expand_chs == stage.conv_exp.conv.out_channels
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "torchvision:vit_b_16"])
+def test_transformer_mlps_prune_exactly(name):
+    """Linear -> GELU -> Linear blocks lose hidden width by l1_filter; the attention (a view of
+    qkv into three pieces and heads, fused scaled-dot-product attention) and the layer-normed
+    residual stream stay, so about a quarter of the parameters go at ratio 0.4."""
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        model = torchvision.models.vit_b_16(image_size=SIZE)
+        mlps = [layer.mlp[0] for layer in model.encoder.layers]
+    else:
+        model = timm.create_model(name, pretrained=False, img_size=SIZE)
+        mlps = [block.mlp.fc1 for block in model.blocks]
+    hidden = [m.out_features for m in mlps]
+    _, report = check_zoo_model(model, head="head", criterion="l1_filter")
+    assert all(m.out_features < h for m, h in zip(mlps, hidden))
