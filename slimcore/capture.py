@@ -522,8 +522,8 @@ def _dense_like(t):
 
 
 def _unary_shape(args, kwargs):
-    x = args[0]
-    return _dense_like(x) if isinstance(x, torch.Tensor) else None
+    x = args[0]  # floating point: sigmoid of an integer tensor is a float tensor
+    return _dense_like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
 
 
 def _broadcast(a, b):
@@ -552,21 +552,24 @@ def _inplace_shape(args, kwargs):
 
 def _binary_shape(args, kwargs):
     a, b = args[0], args[1]
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return None
+    dtype = torch.result_type(a, b)  # x * 0.5 arrives with a float64 0-dim tensor: x's dtype wins
+    if not dtype.is_floating_point:
+        return None  # integer division gives floats
     shape = _broadcast(a.shape, b.shape)
     if shape is None:
         return None
     full = [t for t in (a, b) if tuple(t.shape) == shape]
     if len(full) == 2 and full[0].stride() != full[1].stride():
         return None  # two layouts: TensorIterator's choice is not worth re-deriving
-    return _dense_like(full[0]) if full else None
+    return _dense_like(full[0]) if full and full[0].dtype == dtype else None
 
 
 def _batch_norm_shape(args, kwargs):
     x = args[0]
     training = args[5] if len(args) == 8 else False  # native_batch_norm has a training flag
-    if training or not isinstance(x, torch.Tensor) or x.dim() < 2:
+    if kwargs or training or not isinstance(x, torch.Tensor) or x.dim() < 2:
         return None
     if any(isinstance(t, torch.Tensor) and t.numel() != x.shape[1] for t in args[1:5]) or args[3] is None:
         return None

@@ -3,7 +3,7 @@
 By default the capture runs convolutions and matrix products for their shapes only, and the ops
 downstream of them (whose inputs are then garbage) through short shape rules instead of their
 kernels. A capture with ``shape_only=False`` computes everything: both must record the same graph
-(ops, shapes), for every layout the rules claim to know and for the ones they hand back to the op.
+(ops, shapes, dtypes), for every layout the rules claim to know and for the ones they hand back to the op.
 """
 
 import pytest
@@ -37,12 +37,14 @@ class Ops(nn.Module):
         y = y.sub(torch.sigmoid(y)).div(F.hardswish(y) + 2)
         y.mul_(self.scale)
         y = F.gelu(y) - F.leaky_relu(y, 0.1).clamp(-1, 1)
+        y = y * 0.5 + 1  # python scalars arrive as float64 0-dim tensors: the result stays float32
         return y.reshape(y.shape[0], -1), y.mean((2,), keepdim=True)
 
 
 def _graph(model, x, shape_only):
     cap = capture(model, (x,), shape_only=shape_only)
-    return [(n.op, [cap.shapes[v] for v in n.outputs]) for n in cap.nodes if n.op not in ("param", "constant")]
+    return [(n.op, [(cap.shapes[v], cap.dtypes[v]) for v in n.outputs]) for n in cap.nodes
+            if n.op not in ("param", "constant")]
 
 
 CONFIGS = [
