@@ -3,7 +3,8 @@
 By default the capture runs convolutions and matrix products for their shapes only, and the ops
 downstream of them (whose inputs are then garbage) through short shape rules instead of their
 kernels. A capture with ``shape_only=False`` computes everything: both must record the same graph
-(ops, shapes, dtypes), for every layout the rules claim to know and for the ones they hand back to the op.
+(ops, shapes, dtypes), for every layout the rules claim to know and for the ones they hand back
+to the op.
 """
 
 import pytest
