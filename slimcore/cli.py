@@ -6,6 +6,9 @@
     slimcore run      --model vgg19 ... --ratio 0.5 --passes 3 --out RUN   (the whole pipeline)
     slimcore report   --run RUN                            (RUN/report.md and PNG figures)
     slimcore report   --sweep RUN_A RUN_B RUN_C --out DIR  (compare runs, e.g. three lambdas)
+    slimcore yolo     --model yolov8n.yaml --data data.yaml --lam 1e-3 --ratio 0.5 --epochs E --out DIR
+                      (an ultralytics YOLO through ultralytics' own trainer: train, prune, fine-tune,
+                      report; --data synthetic writes a synthetic set into DIR/data)
 
 A run directory:
 
@@ -142,6 +145,30 @@ def _max_layer_ratio(text):
     return _float_in(text, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def _prune_ratio(text):
+    return _float_in(text, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _imgsz(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 32 (the largest YOLO stride), got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one error line, ``slimcore <cmd>: error: ...`` (no usage block), exit code 2."""
 
@@ -211,6 +238,33 @@ def parser():
     group.add_argument("--run")
     group.add_argument("--sweep", nargs="+", metavar="RUN", help="compare several runs (e.g. lambdas)")
     p.add_argument("--out", default=None, help="output directory (default: the run, or required with --sweep)")
+    p = sub.add_parser("yolo", help="network slimming of an ultralytics YOLO through ultralytics' trainer")
+    p.add_argument("--model", required=True, help="a model yaml (yolov8n.yaml, yolo11n.yaml) or a .pt checkpoint")
+    p.add_argument("--data", required=True,
+                   help="a YOLO data.yaml, or 'synthetic': coloured shapes on noise written into OUT/data")
+    p.add_argument("--lam", type=_nonnegative_float, default=1e-3, help="sparsity strength")
+    p.add_argument("--penalty", default="l1", choices=PENALTY_NAMES, help="penalty (at its default parameters)")
+    p.add_argument("--mode", default="subgradient", choices=("subgradient", "proximal"))
+    p.add_argument("--ratio", type=_prune_ratio, default=0.5, help="share of the prunable channels to remove, in [0, 1)")
+    p.add_argument("--max-layer-ratio", type=_max_layer_ratio, default=1.0,
+                   help="no layer loses more than this share (below 1: no error for a ratio that empties a layer)")
+    p.add_argument("--epochs", type=_nonnegative_int, default=10,
+                   help="sparsity-training epochs (0: --model is sparsity-trained already, e.g. OUT/trained.pt)")
+    p.add_argument("--finetune-epochs", type=_positive_int, default=None, help="default: --epochs")
+    p.add_argument("--imgsz", type=_imgsz, default=640)
+    p.add_argument("--batch", type=_positive_int, default=16)
+    p.add_argument("--optimizer", default="SGD", help="ultralytics' optimizer (SGD: the penalty is not normalised away)")
+    p.add_argument("--lr0", type=_positive_float, default=0.01)
+    p.add_argument("--device", default=None, help="ultralytics' device (cpu, 0, ...; default: its choice)")
+    p.add_argument("--workers", type=_nonnegative_int, default=None, help="data loader workers (default: ultralytics')")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ultralytics' AMP check downloads a model)")
+    p.add_argument("--plots", action="store_true", help="ultralytics' plots (may download a font)")
+    p.add_argument("--latency-rounds", type=_positive_int, default=7, help="interleaved timing rounds (10 forwards each)")
+    p.add_argument("--latency-threads", type=_positive_int, default=None, help="CPU threads for the timing (default 1)")
+    p.add_argument("--synthetic-train", type=_positive_int, default=128, help="--data synthetic: training images")
+    p.add_argument("--synthetic-val", type=_positive_int, default=32, help="--data synthetic: validation images")
+    p.add_argument("--out", required=True, help="output directory")
     return top
 
 
@@ -585,7 +639,40 @@ def cmd_report(args):
     return path
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "run": cmd_run, "report": cmd_report}
+def cmd_yolo(args):
+    try:
+        from .integrations import ultralytics as yolo
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        import ultralytics  # noqa: F401
+    except ImportError:
+        raise CLIError("slimcore yolo needs ultralytics: pip install 'slimcore[yolo]'") from None
+    _out_dir(args.out)
+    data = args.data
+    try:
+        if data == "synthetic":
+            data = yolo.make_synthetic_detection(os.path.join(args.out, "data"), n_train=args.synthetic_train,
+                                                 n_val=args.synthetic_val, imgsz=args.imgsz, seed=args.seed)
+        else:
+            yolo.check_data_yaml(data)
+        command = "slimcore " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["yolo"] else None
+        result = yolo.run_recipe(args.model, data, args.out, lam=args.lam, ratio=args.ratio, epochs=args.epochs,
+                                 finetune_epochs=args.finetune_epochs, imgsz=args.imgsz, batch=args.batch,
+                                 penalty=args.penalty, mode=args.mode, optimizer=args.optimizer, lr0=args.lr0,
+                                 device=args.device, seed=args.seed, workers=args.workers, amp=args.amp,
+                                 plots=args.plots, latency_rounds=args.latency_rounds,
+                                 latency_threads=args.latency_threads, command=command,
+                                 prune_kwargs={"max_layer_ratio": args.max_layer_ratio})
+    except yolo.InputError as exc:  # the user's model, data or ratio (CheckpointError is caught in main)
+        raise CLIError(str(exc)) from None
+    print(yolo.recipe_markdown(result))
+    print(f"wrote {os.path.join(args.out, 'report.md')}")
+    return result
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "run": cmd_run, "report": cmd_report,
+            "yolo": cmd_yolo}
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@
   (Run ``pytest`` after ``pip install .``; set SLIMCORE_ALLOW_FALLBACK=1 to test the fallback.)
 * Sets SLIMCORE_CPU_MIN_TASK_US small (before slimcore is imported), so the CPU kernels split
   even the tests' small tensors over threads.
+* Sets YOLO_OFFLINE=1 before any test imports ultralytics.
 * ``helpers.devices()`` parametrises tests over CPU and CUDA; CUDA cases carry the ``cuda`` marker and are
   skipped with a reason when no GPU is visible, so a CPU-only run never claims GPU results.
 """
@@ -14,6 +15,9 @@ import os
 # The CPU kernels keep work under ~50 us per task on one thread (csrc/cpu/cost_model.h); the
 # tests' tensors are small, so shrink the task size to still run the multi-thread paths.
 os.environ.setdefault("SLIMCORE_CPU_MIN_TASK_US", "0.01")
+# ultralytics decides at import whether it is online (a DNS lookup, then update checks and
+# telemetry): the tests never use the network.
+os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import pytest
 import torch
