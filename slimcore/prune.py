@@ -716,6 +716,8 @@ def _problem_fixes(copy_model, graph, problem, kept_atom):
     its other checked nodes (the split by ``[key_dim, key_dim, head_dim]`` after that view) name
     the attributes one by one, so those come first."""
     node = problem.node
+    if not node.stack:  # the model's own forward: no module attributes to look at
+        return []
     here = [i for i in graph.checks if i != node.index and graph.capture.nodes[i].stack == node.stack]
     own = [f for _, f in _fixes_at(copy_model, graph, here, kept_atom) if f[0] == node.stack[-1]]
     return list(dict.fromkeys(own)) or attribute_fixes(copy_model, node, problem.changes)
