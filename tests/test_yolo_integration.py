@@ -42,6 +42,7 @@ IMGSZ = 64
 COMMON = dict(imgsz=IMGSZ, batch=8, workers=0, device="cpu", plots=False, verbose=False, exist_ok=True, amp=False,
               seed=0)
 NETWORK_ATTEMPTS = []
+THREADS = torch.get_num_threads()  # ultralytics sets cores - 1 whenever it selects the CPU: restored after each test
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,15 +67,15 @@ def offline():
         mp.setattr(ultralytics.data.utils, "check_font", lambda *a, **k: fonts.append(a))
         mp.setattr(ultralytics.utils.plotting, "check_font", lambda *a, **k: fonts.append(a))
         yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
 def no_network_and_threads_restored(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # nothing may land in the repository (ultralytics' default ./runs)
-    threads = torch.get_num_threads()  # ultralytics sets cores - 1 when it selects the CPU
     before = len(NETWORK_ATTEMPTS)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
     assert NETWORK_ATTEMPTS[before:] == [], f"network accessed: {NETWORK_ATTEMPTS[before:]}"
     assert not (tmp_path / "runs").exists()
 
@@ -561,23 +562,32 @@ def test_cli_yolo_end_to_end(tmp_path, capsys):
     assert "| pruned + fine-tuned |" in capsys.readouterr().out
 
 
-def test_cli_yolo_errors_are_one_line(tmp_path, data):
-    def run(*argv):
-        p = subprocess.run([sys.executable, "-m", "slimcore", "yolo", *argv], capture_output=True, text=True,
-                           cwd=tmp_path, env={**os.environ, "YOLO_OFFLINE": "1"})
-        return p.returncode, p.stderr.strip().splitlines()
+def test_cli_yolo_errors_are_one_line(tmp_path, data, capsys):
+    from slimcore import cli
 
-    base = ["--model", "yolov8n.yaml", "--out", str(tmp_path / "o")]
-    rc, err = run(*base, "--data", str(tmp_path / "missing.yaml"))
-    assert rc == 2 and len(err) == 1 and err[0].startswith("slimcore yolo: error: data") and "no such file" in err[0]
-    rc, err = run(*base, "--data", str(data), "--ratio", "1.0")
-    assert rc == 2 and err[-1].startswith("slimcore yolo: error: argument --ratio: must be a number in [0, 1)")
-    rc, err = run(*base, "--data", str(data), "--imgsz", "16")
-    assert rc == 2 and "--imgsz: must be an integer >= 32" in err[-1]
+    def run(*argv):
+        rc = cli.main(["yolo", *map(str, argv)])
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    base = ["--model", "yolov8n.yaml", "--out", tmp_path / "o"]
+    rc, err = run(*base, "--data", data, "--ratio", "1.0")
+    assert rc == 2 and err == ["slimcore yolo: error: argument --ratio: must be a number in [0, 1), got '1.0' "
+                               "(see slimcore yolo --help)"]
+    rc, err = run(*base, "--data", data, "--imgsz", "16")
+    assert rc == 2 and len(err) == 1 and "--imgsz: must be an integer >= 32" in err[0]
     (tmp_path / "file").write_text("x")
-    rc, err = run("--model", "yolov8n.yaml", "--data", str(data), "--out", str(tmp_path / "file"))
-    assert rc == 2 and err[-1].startswith("slimcore yolo: error: --out") and "existing file" in err[-1]
+    rc, err = run("--model", "yolov8n.yaml", "--data", data, "--out", tmp_path / "file")
+    assert rc == 2 and len(err) == 1 and err[0].startswith("slimcore yolo: error: --out") and "existing file" in err[0]
     torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
-    rc, err = run("--model", str(tmp_path / "w.pt"), "--data", str(data), "--out", str(tmp_path / "o"))
-    assert rc == 2 and "not an ultralytics checkpoint" in err[-1]
+    rc, err = run("--model", tmp_path / "w.pt", "--data", data, "--out", tmp_path / "o")
+    assert rc == 2 and err[-1].startswith("slimcore yolo: error:") and "not an ultralytics checkpoint" in err[-1]
+    rc, err = run("--model", "yolov8n.yaml", "--data", data, "--epochs", "0", "--finetune-epochs", "1", "--out",
+                  tmp_path / "o")
+    assert rc == 2 and "the model must be a trained .pt checkpoint" in err[-1]
+    # and as a process: one line on stderr, exit code 2
+    p = subprocess.run([sys.executable, "-m", "slimcore", "yolo", *map(str, base), "--data", tmp_path / "missing.yaml"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("slimcore yolo: error: data"), p.stderr
+    assert "no such file" in err[0]
     assert not (tmp_path / "runs").exists()
