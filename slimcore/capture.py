@@ -515,10 +515,7 @@ def _written_args(func, args, kwargs):
 def _dense_like(t):
     """An uninitialised tensor laid out like t, or None when t is not densely packed (then an op's
     output layout is not simply t's)."""
-    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) \
-            or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)):
-        return torch.empty_like(t)
-    return None
+    return torch.empty_like(t) if _channels_last(t) is not None else None
 
 
 def _unary_shape(args, kwargs):

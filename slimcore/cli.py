@@ -101,14 +101,18 @@ def _add_prune_args(p):
                    help="drop removed channels' constant outputs instead of folding them into the next biases")
 
 
-def _positive_int(text, expected="an integer >= 1"):
+def _int_at_least(text, low, expected):
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
+        value = None
+    if value is None or value < low:
         raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
     return value
+
+
+def _positive_int(text, expected="an integer >= 1"):
+    return _int_at_least(text, 1, expected)
 
 
 def _round_to(text):
@@ -150,23 +154,11 @@ def _prune_ratio(text):
 
 
 def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def _imgsz(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 32 (the largest YOLO stride), got {text!r}")
-    return value
+    return _int_at_least(text, 32, "an integer >= 32 (the largest YOLO stride)")
 
 
 class _Parser(argparse.ArgumentParser):
