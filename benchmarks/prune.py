@@ -8,8 +8,11 @@ criterion, each on a fresh copy, each library in a fresh process per model:
   Torch-Pruning   BNScalePruner(model, x, BNScaleImportance(), global_pruning=True, ...).step()
 
 "first" is the first call in that fresh process (one-time costs included), "warm" the median of
-the --repeats calls after it (each on a fresh copy; model construction is not timed). A library
-that raises, or takes longer than --timeout, gets its error in the table.
+the --repeats calls after it (each on a fresh copy; model construction is not timed). With
+--rounds N each library gets N fresh processes per model, the two taking turns, and the table
+reports the median first call and the median of all warm calls (on a shared machine a slow
+minute then lands on both libraries). A library that raises, or takes longer than --timeout,
+gets its error in the table.
 The two libraries rank coupled channels differently (slimcore: max |gamma| of the group;
 Torch-Pruning: mean, normalised), so their pruned sizes differ. To check the rebuilt models
 themselves, slimcore's own choice of channels is then handed to Torch-Pruning's dependency graph
@@ -18,7 +21,7 @@ selection BNs (DenseNet) have no Torch-Pruning equivalent for that check.
 
 Target: slimcore takes <= 1/3 of Torch-Pruning's time on every model.
 
-    python benchmarks/prune.py [--models resnet18,timm:cspdarknet53,yolo:yolov8n] [--size 224] [--repeats 3]
+    python benchmarks/prune.py [--models resnet18,timm:cspdarknet53,yolo:yolov8n] [--size 224] [--repeats 3] [--rounds 3]
 """
 
 import argparse
@@ -130,7 +133,7 @@ def child(lib, name, size, ratio, repeats, threads):
         fn(model, x, ratio)
         times.append(time.perf_counter() - t0)
     flops, params = slimcore.profile(model, x)
-    return dict(first=times[0], warm=statistics.median(times[1:]), params=params, flops=flops)
+    return dict(first=times[0], warm=statistics.median(times[1:]), warm_all=times[1:], params=params, flops=flops)
 
 
 def run_child(lib, name, args):
@@ -148,12 +151,41 @@ def run_child(lib, name, args):
     return json.loads(lines[-1])
 
 
+def run_rounds(name, args, have_tp):
+    """Both libraries, --rounds times each, taking turns (and swapping who goes first), so a slower
+    minute of a shared machine lands on both: the median first call and the median of all warm
+    calls per library. A library's error ends its rounds."""
+    runs = {"slimcore": [], "torch-pruning": []}
+    errors = {} if have_tp else {"torch-pruning": dict(error="not installed")}
+    for r in range(args.rounds):
+        order = ["slimcore", "torch-pruning"][:: 1 if r % 2 == 0 else -1]
+        for lib in order:
+            if lib in errors:
+                continue
+            result = run_child(lib, name, args)
+            if "error" in result:
+                errors[lib] = result
+            else:
+                runs[lib].append(result)
+
+    def summary(lib):
+        if lib in errors:
+            return errors[lib]
+        done = runs[lib]
+        return dict(done[0], first=statistics.median(d["first"] for d in done),
+                    warm=statistics.median(w for d in done for w in d["warm_all"]), rounds=len(done))
+
+    return summary("slimcore"), summary("torch-pruning")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=224, help="input resolution of the example input")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per library and model, the libraries taking turns (medians reported)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per library and model")
     parser.add_argument("--out", default=os.path.join(RESULTS, "prune-cpu.json"))
@@ -179,8 +211,7 @@ def main(argv=None):
     records = []
     for name in args.models.split(","):
         dense_flops, dense_params = slimcore.profile(build(name), x)
-        slim = run_child("slimcore", name, args)
-        tp = run_child("torch-pruning", name, args) if have_tp else dict(error="not installed")
+        slim, tp = run_rounds(name, args, have_tp)
         rec = dict(model=name, ratio=args.ratio, input=list(x.shape), params_dense=dense_params,
                    flops_dense=dense_flops, slimcore=slim, torch_pruning=tp)
         same = "-"

@@ -14,8 +14,9 @@ from .graph import TraceFailure
 from .nn import SlimBatchNorm1d, SlimBatchNorm2d, convert_bn, revert_bn, set_penalty_scale
 from .penalties import L1, L2, MCP, SCAD, TL1, Lp, LpNorm
 from .profile import profile
-from .prune import PruneReport, load_pruned, prune, ratio_for_channels, ratio_for_flops, save_pruned
+from .prune import PruneReport, load_pruned, prune, ratio_for_channels, ratio_for_flops, ratio_for_latency, save_pruned
 from .step import SparseBNStep, bn_weights, sparse_bn_step, sparsity_loss
+from .widths import LatencyTable
 
 __all__ = [
     "__version__",
@@ -38,6 +39,8 @@ __all__ = [
     "prune",
     "ratio_for_channels",
     "ratio_for_flops",
+    "ratio_for_latency",
+    "LatencyTable",
     "PruneReport",
     "save_pruned",
     "load_pruned",

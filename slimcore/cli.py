@@ -38,7 +38,8 @@ from ._io import CheckpointError
 from .criteria import CRITERIA
 from .penalties import NAMES as PENALTY_NAMES
 from .profile import profile
-from .prune import SCOPES, prune, ratio_for_channels, ratio_for_flops, save_pruned
+from .fold import fold_bn
+from .prune import SCOPES, prune, ratio_for_channels, ratio_for_flops, ratio_for_latency, save_pruned
 from .train import FILTER_HISTORY, Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
 from .widths import LatencyTable
 
@@ -207,9 +208,13 @@ def parser():
                    help="instead of --ratio: remove at least this share of the scored channels (comma-separated: "
                         "several); with --max-layer-ratio, --min-channels or --round-to putting channels back the "
                         "ratio that does is larger, found by dry runs. Stages: prune-<criterion>-channels<s>")
+    p.add_argument("--latency", default=None,
+                   help="instead of --ratio: run in at most this fraction of the dense model's latency, measured "
+                        "on --device at --latency-batch with BNs folded (comma-separated: several); found by timing "
+                        "pruned copies. Stages: prune-<criterion>-latency<f>")
     p.add_argument("--name", default=None,
                    help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
-                        "prune-<criterion>-flops<f> or prune-<criterion>-channels<s>; one ratio only). `finetune --stage NAME` fine-tunes it")
+                        "prune-<criterion>-flops<f>, -channels<s> or -latency<f>; one ratio only). `finetune --stage NAME` fine-tunes it")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("finetune", help="fine-tune a pruned model (no penalty)")
     p.add_argument("--run", required=True)
@@ -425,19 +430,30 @@ def _filter_history(model, source_dir):
     return history
 
 
+def _folded(example):
+    """The form --latency times: BatchNorms folded into their convs (a copy is what gets folded)."""
+    def deploy(model):
+        fold_bn(model, example)
+        return model
+    return deploy
+
+
 def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
                 device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64,
-                flops=None, channels=None):
+                flops=None, channels=None, latency=None):
     """Prunes source_dir/model.pt at one ratio (or, with ``flops``, at the ratio that keeps that
     fraction of the FLOPs; with ``channels``, at the ratio that removes that share of the scored
-    channels) into out_dir (default run/prune-<ratio>, run/prune-<criterion>-flops<f> or
-    run/prune-<criterion>-channels<s>); returns its report. Under torchrun, rank 0 prunes and the others read
-    its report."""
+    channels; with ``latency``, at the ratio whose BN-folded model runs in that fraction of the
+    dense one's measured time) into out_dir (default run/prune-<ratio>, or
+    run/prune-<criterion>-{flops,channels,latency}<f>); returns its report. Under torchrun, rank 0
+    prunes and the others read its report."""
     rank, world = distributed()
     if flops is not None:
         default_name = f"prune-{criterion}-flops{flops:g}"
     elif channels is not None:
         default_name = f"prune-{criterion}-channels{channels:g}"
+    elif latency is not None:
+        default_name = f"prune-{criterion}-latency{latency:g}"
     else:
         default_name = f"prune-{_ratio_name(ratio)}"
     out_dir = out_dir or os.path.join(run, default_name)
@@ -467,15 +483,21 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
             ratio = ratio_for_flops(model, x, flops, **options)
         elif channels is not None:
             ratio = ratio_for_channels(model, x, channels, **options)
+        elif latency is not None:
+            search = {k: v for k, v in options.items() if k != "latency_table"}
+            ratio = ratio_for_latency(model, x, latency, latency_table=table or LatencyTable(dev, batch=latency_batch),
+                                      deploy=_folded(x), **search)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     # At a searched ratio the whole-model latency check (round_to="auto") stays off, as in the
     # search: a uniform round_to it might choose would put channels back and miss the target.
-    report = prune(model, x, ratio=ratio, check_latency=flops is None and channels is None, **options)
+    searched = flops is not None or channels is not None or latency is not None
+    report = prune(model, x, ratio=ratio, check_latency=not searched, **options)
     acc_after, _ = evaluate(model, test_loader, dev)
     os.makedirs(out_dir, exist_ok=True)
     save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})
-    result = {"ratio": ratio, "flops_target": flops, "channels_target": channels, "criterion": criterion, "scope": scope, "round_to": round_to,
+    result = {"ratio": ratio, "flops_target": flops, "channels_target": channels, "latency_target": latency,
+              "criterion": criterion, "scope": scope, "round_to": round_to,
               "source": source,
               "acc_before": acc_before, "acc_after": acc_after, "params_before": params_before,
               "params_after": report.params_after, "flops_before": flops_before, "flops_after": report.flops_after,
@@ -504,28 +526,28 @@ def _print_prune_table(results):
 def cmd_prune(args):
     run = args.run
     _read_config(run)
-    given = [flag for flag, v in (("--ratio", args.ratio), ("--flops", args.flops), ("--channels", args.channels))
-             if v is not None]
+    given = [flag for flag, v in (("--ratio", args.ratio), ("--flops", args.flops), ("--channels", args.channels),
+                                  ("--latency", args.latency)) if v is not None]
     if len(given) > 1:
-        raise CLIError(f"give one of --ratio, --flops and --channels, not {' and '.join(given)}")
-    if args.flops is not None:
-        flops = _fractions(args.flops, "--flops")
-        ratios = channels = [None] * len(flops)
-    elif args.channels is not None:
-        channels = _fractions(args.channels, "--channels")
-        ratios = flops = [None] * len(channels)
-    else:
+        raise CLIError(f"give one of --ratio, --flops, --channels and --latency, not {' and '.join(given)}")
+    searches = {"flops": None, "channels": None, "latency": None}
+    for key in searches:
+        if getattr(args, key) is not None:
+            searches[key] = _fractions(getattr(args, key), f"--{key}")
+            ratios = [None] * len(searches[key])
+    if not given or given == ["--ratio"]:
         ratios = _ratios(args.ratio if args.ratio is not None else "0.5")
-        flops = channels = [None] * len(ratios)
+    for key in searches:
+        searches[key] = searches[key] or [None] * len(ratios)
     if args.name and len(ratios) > 1:
-        raise CLIError("--name names one stage: give one --ratio (or --flops, --channels) with it")
+        raise CLIError("--name names one stage: give one --ratio (or --flops, --channels, --latency) with it")
     if args.name and (os.path.normpath(args.name) == os.path.normpath(args.source)
                       or not _may_be_prune_stage(args.name)):
         raise CLIError(f"--name {args.name!r} would overwrite another stage: choose a new directory name")
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
                            args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
-                           args.compensate, args.max_layer_ratio, args.latency_batch, flops=f, channels=c)
-               for r, f, c in zip(ratios, flops, channels)]
+                           args.compensate, args.max_layer_ratio, args.latency_batch, flops=f, channels=c, latency=t)
+               for r, f, c, t in zip(ratios, searches["flops"], searches["channels"], searches["latency"])]
     _print_prune_table(results)
     return results
 

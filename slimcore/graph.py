@@ -997,9 +997,25 @@ class _Rules:
         return None
 
 
+_NONZERO_AT_ZERO = {}  # (op, its non-tensor arguments) -> answer: the same activation recurs in every block
+
+
 def _nonzero_at_zero(node):
     """Whether the op maps zero inputs to a nonzero value: evaluated on zero scalars with the op's
     other arguments (f(0) for relu, sigmoid, clamp(x, 0.1), x ** 2, ...)."""
+    try:
+        key = (node.func, tuple(None if isinstance(a, Ref) else a for a in node.args),
+               tuple(sorted((k, None if isinstance(a, Ref) else a) for k, a in node.kwargs.items())))
+        hash(key)
+    except TypeError:  # an unhashable argument (a list): evaluate every time
+        return _evaluate_at_zero(node)
+    answer = _NONZERO_AT_ZERO.get(key)
+    if answer is None:
+        answer = _NONZERO_AT_ZERO[key] = _evaluate_at_zero(node)
+    return answer
+
+
+def _evaluate_at_zero(node):
     args = [torch.zeros((), dtype=torch.float32) if isinstance(a, Ref) else a for a in node.args]
     kwargs = {k: (torch.zeros((), dtype=torch.float32) if isinstance(a, Ref) else a) for k, a in node.kwargs.items()}
     kwargs.pop("out", None)

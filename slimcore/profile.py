@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from ._modules import eval_mode
+
 _COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -40,13 +42,10 @@ def profile_layers(model, example_inputs):
             def hook(mod, args, out, name=name):
                 counts[name] = counts.get(name, 0) + layer_macs(mod, out.numel())
             hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(*inputs)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return {name: c // batch for name, c in counts.items()}

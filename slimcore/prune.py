@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import ops
+from ._modules import eval_mode
 from .criteria import CRITERIA, atom_scores
 from .capture import flat_tensors
 from .graph import analyze, attribute_fixes, meta_copy, size_changes, verify
@@ -80,6 +81,8 @@ class PruneReport:
     # Coverage: conv/linear name -> (output channels that could be removed, output channels, whether
     # a BN normalises them). The rest are frozen for the reasons in ``notes``.
     prunable: dict = field(default_factory=dict)
+    # Conv/linear layers left with only min_channels: the criterion would have emptied them.
+    starved: list = field(default_factory=list)
 
     @property
     def prunable_share(self):
@@ -554,12 +557,10 @@ def _constant_run(model, inputs, removed_idx, consumers, blocks=(), betas=True):
             captured[plan.name] = (mean, float((x - mean[:, None]).abs().max()) if x.numel() else 0.0)
 
         handles.append(plan.module.register_forward_pre_hook(capture))
-    was_training = model.training
-    model.eval()
     try:
-        out = model(*inputs)
+        with eval_mode(model):
+            out = model(*inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return out, captured, block_constants
@@ -1143,12 +1144,10 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
                 parent, attr = parent_module(model, name)
                 setattr(parent, attr, ResidualConstant(constant))
             if target is not None and compensate:
-                was_training = model.training
-                model.eval()
-                pairs = zip(flat_tensors(model(*inputs)), flat_tensors(target))
-                # outputs freed by keep_outputs may have lost channels: compare the others
-                diffs = [(a - b).abs().flatten() for a, b in pairs if a.shape == b.shape]
-                model.train(was_training)
+                with eval_mode(model):
+                    pairs = zip(flat_tensors(model(*inputs)), flat_tensors(target))
+                    # outputs freed by keep_outputs may have lost channels: compare the others
+                    diffs = [(a - b).abs().flatten() for a, b in pairs if a.shape == b.shape]
                 diff = torch.cat(diffs) if diffs else torch.zeros(1)
                 max_error, mean_error = float(diff.max()), float(diff.mean())
     share_removed = _removed_share(classes, removed)
@@ -1175,7 +1174,7 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
         threshold=threshold, notes=notes, seconds=time.perf_counter() - start, dry_run=dry_run,
         compensated={name: int(len(_removed_inputs(next(pl for pl in plans if pl.name == name))))
                      for name in deltas},
-        compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed,
+        compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed, starved=starved,
         widths=[c.as_dict() for c in width_choices], latency_check=latency_check,
         channels_removed_share=share_removed, prunable=prunable,
     )
@@ -1351,6 +1350,78 @@ def ratio_for_channels(model, example_inputs, share, resolution=1e-4, **prune_kw
     return ratio
 
 
+def ratio_for_latency(model, example_inputs, latency_fraction, resolution=0.01, latency_table=None, deploy=None,
+                      **prune_kwargs):
+    """The smallest prune ratio at which the pruned model's *measured* latency is at most
+    ``latency_fraction`` of the dense model's, found by bisection over pruned copies (the model is
+    not changed). Each candidate is timed against the dense model in one interleaved run
+    (``LatencyTable.time_models``: the table's device, dtype, batch and memory format; default:
+    the model's device and dtype, the example inputs' batch), both in the form ``deploy`` makes
+    of them (a function taking a model in eval mode and returning the model to time, e.g. one
+    that folds BatchNorms), so the ratio answers "how much must go to run this fast here":
+
+        r = slimcore.ratio_for_latency(model, x, 0.5, latency_table=slimcore.LatencyTable("cpu", batch=64))
+        slimcore.prune(model, x, ratio=r)
+
+    Latency falls in steps and timings are noisy, so ``resolution`` is coarser than the FLOPs
+    search's. Raises ValueError when even the largest ratio is slower than ``latency_fraction``
+    (a model bound by what pruning does not shrink: its input, stem or head)."""
+    _check_search("ratio_for_latency", latency_fraction, "latency_fraction", resolution, prune_kwargs)
+    if "check_latency" in prune_kwargs:
+        raise ValueError("slimcore.ratio_for_latency: 'check_latency' is not an option here (the copies are timed "
+                         "as pruned)")
+    fraction, resolution = float(latency_fraction), float(resolution)
+    inputs = _as_tuple(example_inputs)
+    table = latency_table if latency_table is not None else _default_latency_table(model, inputs,
+                                                                                   prune_kwargs.get("device"))
+    if prune_kwargs.get("round_to") == "auto" and isinstance(table, LatencyTable):
+        prune_kwargs = prune_kwargs | {"latency_table": table}  # the widths timed where the model is
+    prune(model, inputs, ratio=0.0, dry_run=True, **prune_kwargs)  # checks every option before any timing
+    dense = _deployed(copy.deepcopy(model).eval(), deploy, "ratio_for_latency")
+    measured = {}
+
+    def relative(ratio):
+        if ratio not in measured:
+            variant = _pruned_copy(model, inputs, prune_kwargs, ratio=ratio, check_latency=False)
+            variant = _deployed(variant.eval(), deploy, "ratio_for_latency")
+            dense_s, pruned_s = table.time_models([dense, variant], inputs)
+            measured[ratio] = pruned_s / dense_s
+        return measured[ratio]
+
+    ratio = _smallest_ratio(lambda r: relative(r) <= fraction, resolution)
+    if ratio is None:
+        raise ValueError(f"slimcore.ratio_for_latency: no ratio runs in {fraction:g} of the dense latency; at ratio "
+                         f"{1 - resolution:g} it takes {relative(1 - resolution):.3f} (min_channels, max_layer_ratio, "
+                         "ignored and output layers, and the layers pruning does not shrink, set a floor)")
+    return ratio
+
+
+def _pruned_copy(model, inputs, options, **overrides):
+    """A deep copy of ``model`` pruned with prune(**options, **overrides); modules named by object
+    in ``ignore`` and ``leaf_modules`` become their copies."""
+    memo = {}
+    variant = copy.deepcopy(model, memo)
+    mapped = {k: [memo.get(id(m), m) if isinstance(m, nn.Module) else m for m in _listed(options[k])]
+              for k in ("ignore", "leaf_modules") if k in options}
+    prune(variant, inputs, **(options | mapped | overrides))
+    return variant
+
+
+def _listed(value):
+    """ignore/leaf_modules as a list: a single name or module is one entry."""
+    return [value] if isinstance(value, (str, nn.Module, type)) else list(value)
+
+
+def _deployed(model, deploy, fn):
+    if deploy is None:
+        return model
+    with torch.no_grad():
+        out = deploy(model)
+    if not isinstance(out, nn.Module):
+        raise TypeError(f"slimcore.{fn}: deploy must return the model to time, got {type(out).__name__}")
+    return out
+
+
 def _whole_model_check(model, inputs, table, same, widened, deploy=None):
     """Times copies of ``model`` pruned at the per-layer widths (the choices ``table`` already
     holds, so no layer is timed again; only when some layer was widened) and at uniform round_to
@@ -1360,19 +1431,9 @@ def _whole_model_check(model, inputs, table, same, widened, deploy=None):
     names = (["auto"] if widened else []) + [str(r) for r in MODEL_ROUND_TO]
     variants = []
     for name in names:
-        memo = {}
-        variant = copy.deepcopy(model, memo)
-        # submodules named by object (ignore, leaf_modules) become their copies
-        mapped = {k: [memo.get(id(m), m) if isinstance(m, nn.Module) else m for m in same[k]]
-                  for k in ("ignore", "leaf_modules")}
         round_to = name if name == "auto" else int(name)
-        prune(variant, inputs, round_to=round_to, latency_table=table, check_latency=False, **(same | mapped))
-        if deploy is not None:
-            with torch.no_grad():
-                variant = deploy(variant.eval())
-            if not isinstance(variant, nn.Module):
-                raise TypeError(f"slimcore.prune: deploy must return the model to time, got {type(variant).__name__}")
-        variants.append(variant)
+        variant = _pruned_copy(model, inputs, same, round_to=round_to, latency_table=table, check_latency=False)
+        variants.append(_deployed(variant.eval(), deploy, "prune"))
     ms = {name: s * 1e3 for name, s in zip(names, table.time_models(variants, inputs))}
     best = min(ms, key=ms.get)
     chosen = best if ms[best] < (1 - MODEL_MARGIN) * ms["1"] else "1"

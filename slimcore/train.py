@@ -39,6 +39,7 @@ from torch import nn
 
 from . import penalties
 from ._io import CheckpointError, atomic_save, safe_load
+from ._modules import eval_mode
 from .criteria import FilterHistory
 from .prune import channel_config, load_pruned, save_pruned
 from .step import SparseBNStep, bn_weights
@@ -124,15 +125,13 @@ def evaluate(model, loader, device):
     """(accuracy, mean loss) over a loader."""
     if loader is None:
         return None, None
-    was_training = model.training
-    model.eval()
     correct, total, loss = 0, 0, 0.0
-    for x, y in loader:
-        out = model(x.to(device))
-        loss += F.cross_entropy(out, y.to(device), reduction="sum").item()
-        correct += (out.argmax(1) == y.to(device)).sum().item()
-        total += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader:
+            out = model(x.to(device))
+            loss += F.cross_entropy(out, y.to(device), reduction="sum").item()
+            correct += (out.argmax(1) == y.to(device)).sum().item()
+            total += len(y)
     return correct / max(total, 1), loss / max(total, 1)
 
 

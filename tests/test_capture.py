@@ -96,3 +96,45 @@ def test_sizes_that_do_not_fit_still_raise_the_ops_own_error():
     for which in ("conv", "bn", "add"):
         with pytest.raises(Exception, match=r"(?i)size|channels|shape|expected|elements"):
             capture(Bad(which).eval(), (torch.randn(1, 3, 8, 8),))
+
+
+class Products(nn.Module):
+    """Linear layers (addmm, and mm without a bias), batched products (bmm, baddbmm) and a product
+    of a transposed operand; each result is reshaped, which copies when its layout is not the
+    contiguous one the rules give."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.fc_nobias = nn.Linear(5, 4, bias=False)
+        self.bias = nn.Parameter(torch.randn(3, 1, 4))
+
+    def forward(self, x):
+        flat = self.fc_nobias(self.fc(x.flatten(1)))  # addmm, then mm
+        heads = flat.view(-1, 2, 2)
+        attn = torch.bmm(heads, heads.transpose(1, 2))
+        mixed = torch.baddbmm(self.bias[: attn.shape[0], :2, :2], attn, attn.transpose(1, 2))
+        sq = torch.mm(flat.t(), flat)  # transposed left operand
+        return mixed.reshape(mixed.shape[0], -1), sq.reshape(-1), (attn + 1).reshape(-1)
+
+
+def test_shape_only_matrix_products_record_what_computing_records():
+    torch.manual_seed(0)
+    model = Products().eval()
+    x = torch.randn(3, 2, 3)
+    graph = _graph(model, x, shape_only=True)
+    assert {"addmm", "mm", "bmm", "baddbmm"} <= {op for op, _ in graph}
+    assert graph == _graph(model, x, shape_only=False)
+
+
+def test_capture_gives_every_submodule_its_own_mode_back():
+    """A model in training mode with a frozen (eval-mode) BatchNorm: the capture runs everything in
+    eval mode and then restores each module's own mode, not the root's."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model.train()
+    model[1].eval()
+    seen = {}
+    model[4].register_forward_pre_hook(lambda m, a: seen.update(training=m.training))
+    capture(model, (torch.randn(1, 3, 8, 8),))
+    assert seen == {"training": False}
+    assert [m.training for m in model.modules()] == [True, True, False, True, True, True]

@@ -318,7 +318,7 @@ def test_prune_to_a_flops_budget_per_criterion_and_finetune_by_stage(tmp_path, c
     assert (tmp_path / "sweep" / "sweep_pareto.png").stat().st_size > 1000
     # errors name the problem
     assert cli.main(["prune", "--run", str(run), "--ratio", "0.5", "--flops", "0.5"]) == 2
-    assert "give one of --ratio, --flops and --channels, not --ratio and --flops" in capsys.readouterr().err
+    assert "give one of --ratio, --flops, --channels and --latency, not --ratio and --flops" in capsys.readouterr().err
     assert cli.main(["prune", "--run", str(run), "--flops", "0"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert cli.main(["prune", "--run", str(run), "--flops", "0.0001"]) == 2
@@ -350,6 +350,22 @@ def test_prune_to_a_share_of_the_channels_under_a_layer_cap(tmp_path, capsys):
     assert "no ratio removes 0.7 of the channels" in capsys.readouterr().err
     assert cli.main(["prune", "--run", str(run), "--channels", "0.5", "--flops", "0.5"]) == 2
     assert "not --flops and --channels" in capsys.readouterr().err
+
+
+def test_prune_to_a_measured_latency_from_the_cli(tmp_path, capsys):
+    # Timings are the machine's: the test checks the stage the search writes, not a speed.
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "--out", run)
+    run_cli("prune", "--run", run, "--latency", "0.9", "--latency-batch", "8")
+    stage = run / "prune-bn_scale-latency0.9"
+    rep = json.load(open(stage / "report.json"))
+    assert rep["latency_target"] == 0.9 and 0.0 <= rep["ratio"] < 1.0
+    model, meta = load_model(stage / "model.pt")
+    assert slimcore.profile(model, torch.zeros(1, *meta["input_shape"]))[0] == rep["flops_after"]
+    assert cli.main(["prune", "--run", str(run), "--latency", "0"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert cli.main(["prune", "--run", str(run), "--latency", "0.5", "--flops", "0.5"]) == 2
+    assert "not --flops and --latency" in capsys.readouterr().err
 
 
 def test_scad_and_mcp_shape_form_from_the_cli(tmp_path, capsys):

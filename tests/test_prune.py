@@ -439,6 +439,58 @@ def test_ratio_for_flops_errors():
         slimcore.ratio_for_flops(model, x, 0.001, min_channels=2)
 
 
+class FlopsTimer:
+    """A deterministic stand-in for LatencyTable.time_models: a model's "seconds" are its FLOPs."""
+
+    def __init__(self):
+        self.timed = []
+
+    def time_models(self, models, example_inputs):
+        self.timed.append(list(models))
+        return [float(slimcore.profile(m, example_inputs)[0]) for m in models]
+
+
+@pytest.mark.parametrize("target", [0.6, 0.3])
+def test_ratio_for_latency_reaches_the_target_on_a_deterministic_timer(target):
+    # With latency = FLOPs the latency search must land where the FLOPs search does, and the model
+    # it measures must be the one prune() builds at that ratio.
+    model, x = build_seed("vgg11", 32, 3)
+    before = copy.deepcopy(model.state_dict())
+    timer = FlopsTimer()
+    ratio = slimcore.ratio_for_latency(model, x, target, resolution=1e-3, latency_table=timer)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # not changed
+    assert ratio == pytest.approx(slimcore.ratio_for_flops(model, x, target, resolution=1e-3), abs=1e-3)
+    report = slimcore.prune(copy.deepcopy(model), x, ratio=ratio)
+    assert report.flops_after <= target * report.flops_before
+    smaller = slimcore.prune(copy.deepcopy(model), x, ratio=max(ratio - 2e-3, 0.0), dry_run=True)
+    assert smaller.flops_after > target * smaller.flops_before  # the smallest such ratio, to the resolution
+    assert all(len(models) == 2 for models in timer.timed)  # dense and candidate timed together
+
+
+def test_ratio_for_latency_times_the_deployed_form_and_refuses_what_it_cannot_reach():
+    model, x = build_seed("vgg11", 32, 3)
+    deployed = []
+
+    def deploy(m):
+        assert not m.training
+        deployed.append(m)
+        return m
+
+    timer = FlopsTimer()
+    slimcore.ratio_for_latency(model, x, 0.5, resolution=0.05, latency_table=timer, deploy=deploy)
+    dense, candidates = deployed[0], deployed[1:]  # each candidate is timed next to the deployed dense model
+    assert [[id(m) for m in models] for models in timer.timed] == [[id(dense), id(c)] for c in candidates]
+    with pytest.raises(ValueError, match="no ratio runs in 0.001 of the dense latency"):
+        slimcore.ratio_for_latency(model, x, 0.001, resolution=0.05, latency_table=FlopsTimer(), min_channels=2)
+    with pytest.raises(TypeError, match="deploy must return the model to time"):
+        slimcore.ratio_for_latency(model, x, 0.5, latency_table=FlopsTimer(), deploy=lambda m: None)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="latency_fraction must be in"):
+            slimcore.ratio_for_latency(model, x, bad, latency_table=FlopsTimer())
+    with pytest.raises(ValueError, match="'check_latency' is not an option here"):
+        slimcore.ratio_for_latency(model, x, 0.5, latency_table=FlopsTimer(), check_latency=False)
+
+
 def test_a_layer_starved_to_min_channels_is_reported():
     model, x = build_seed("vgg11", 32, 3)
     bn = model.features[5]  # the second conv's BatchNorm: all of its channels look unimportant
@@ -447,8 +499,10 @@ def test_a_layer_starved_to_min_channels_is_reported():
     starved = slimcore.prune(copy.deepcopy(model), x, ratio=0.3, dry_run=True)
     assert starved.channels["features.4"][1] == 1
     assert any("keep only min_channels=1 (features.4)" in n and "max_layer_ratio" in n for n in starved.notes)
+    assert starved.starved == ["features.4"]
     capped = slimcore.prune(copy.deepcopy(model), x, ratio=0.3, max_layer_ratio=0.9, dry_run=True)
     assert capped.channels["features.4"][1] > 1 and not any("min_channels" in n for n in capped.notes)
+    assert capped.starved == []
 
 
 def bn_removed_share(model, report):

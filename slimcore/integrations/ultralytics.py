@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .._io import CheckpointError, atomic_save
+from .._modules import eval_mode
 from ..step import SparseBNStep, bn_weights, sparsity_loss
 
 # |gamma| below this counts as "small" in the logs and reports (the slimcore pipeline's threshold).
@@ -351,20 +352,6 @@ def _resolve(model_or_checkpoint):
     return None, _module_of(model_or_checkpoint)
 
 
-def _starved(module, report, min_channels):
-    """Conv/linear layers the prune leaves at min_channels: the threshold would have emptied them."""
-    out = []
-    for name, (before, after) in report.channels.items():
-        if 0 < after <= min_channels < before:
-            try:
-                m = module.get_submodule(name)
-            except AttributeError:
-                continue
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                out.append(name)
-    return out
-
-
 def prune_yolo(model_or_checkpoint, ratio=0.5, imgsz=640, **prune_kwargs):
     """Prunes an ultralytics model in place with :func:`slimcore.prune`; returns ``(model, report)``.
 
@@ -400,11 +387,9 @@ def prune_yolo(model_or_checkpoint, ratio=0.5, imgsz=640, **prune_kwargs):
     param = next(module.parameters())
     channels = int(module.yaml.get("channels", 3))
     x = torch.rand(1, channels, imgsz, imgsz, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    was_training = module.training
-    module.eval()
-    try:
+    with eval_mode(module):
         plan = prune(module, x, ratio, ignore=ignore, dry_run=True, **prune_kwargs)
-        starved = _starved(module, plan, min_channels)
+        starved = plan.starved
         if starved:
             raise InputError(
                 f"prune_yolo: ratio {ratio:g} would empty {len(starved)} layers ({', '.join(starved[:4])}"
@@ -412,8 +397,6 @@ def prune_yolo(model_or_checkpoint, ratio=0.5, imgsz=640, **prune_kwargs):
                 "the ratio, sparsity-train first (an untrained model's gammas are all equal), or pass max_layer_ratio "
                 "(e.g. 0.9) to keep a share of every layer")
         report = prune(module, x, ratio, ignore=ignore, **prune_kwargs)
-    finally:
-        module.train(was_training)
     module.__class__ = _slim_model_class(_tasks_base(module))
     module.yaml = {**module.yaml, _MARK: {"pruned": True, "ratio": float(ratio), "imgsz": int(imgsz),
                                           "params_before": report.params_before, "params_after": report.params_after,
