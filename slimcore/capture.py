@@ -88,13 +88,16 @@ class Node:
     pycall: tuple = None  # the Python-level call it came from, when size-sensitive: ("chunk",), ("flatten",), ...
     module: str = None  # "param": the owning module; "leaf": the leaf module
     attr: str = None  # "param": the attribute name
+    reads: tuple = None  # refs(), kept: the graph rules ask for them several times per node
 
     def refs(self):
         """Value ids read by this node, in argument order (nested lists flattened)."""
-        out = []
-        _collect_refs(self.args, out)
-        _collect_refs(tuple(self.kwargs.values()), out)
-        return out
+        if self.reads is None:
+            out = []
+            _collect_refs(self.args, out)
+            _collect_refs(tuple(self.kwargs.values()), out)
+            self.reads = tuple(out)
+        return self.reads
 
 
 def _collect_refs(obj, out):
@@ -257,9 +260,11 @@ class _Recorder(TorchDispatchMode):
         """Records a node; ``read``: its value ids in Node.refs order when the caller has them."""
         nodes = self.c.nodes
         node = Node(len(nodes), op, func, args, kwargs, (), tuple(self.stack), **extra)
+        if read is not None:
+            node.reads = tuple(read)
         nodes.append(node)
         users = self.c.users
-        for v in node.refs() if read is None else read:
+        for v in node.refs():
             users[v].append(node.index)
         return node
 

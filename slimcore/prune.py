@@ -308,7 +308,8 @@ def _collapsible_blocks(graph, classes, compensate):
     classes live only inside the block, none is frozen, and the branch's output without them is a
     per-channel constant (with compensation, that needs a last conv without zero padding)."""
     owner, names = graph.owner, graph.owner_names
-    stream = set(np.unique(classes.of_atom[np.concatenate([b.stream_atoms for b in graph.residual_blocks])]).tolist()) \
+    # sets, not np.unique: without return_inverse numpy 2 imports numpy.ma on its first call (0.1 s)
+    stream = set(classes.of_atom[np.concatenate([b.stream_atoms for b in graph.residual_blocks])].tolist()) \
         if graph.residual_blocks else set()
     blocks = []
     for block in graph.residual_blocks:
@@ -316,8 +317,7 @@ def _collapsible_blocks(graph, classes, compensate):
             continue
         inside_ids = [i for i, n in enumerate(names) if n.startswith(block.name + ".")]
         inside = np.isin(owner, inside_ids)
-        internal = np.unique(classes.of_atom[inside])
-        internal = np.array([c for c in internal.tolist() if c not in stream], dtype=np.int64)
+        internal = np.array(sorted(set(classes.of_atom[inside].tolist()) - stream), dtype=np.int64)
         if len(internal) == 0:
             continue
         touches = np.isin(classes.of_atom, internal)
