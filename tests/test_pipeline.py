@@ -150,9 +150,20 @@ def test_cli_errors(tmp_path, capsys):
     assert "cifar.html" in capsys.readouterr().err
 
 
-def test_amp_and_proximal_mode_run(tmp_path):
-    run_cli("train", *TINY, "--amp", "--mode", "proximal", "--penalty", "tl1", "--out", tmp_path)
+def test_amp_and_proximal_mode_set_gammas_to_exact_zeros(tmp_path):
+    # The proximal step thresholds: small gammas become exactly 0.0 (a subgradient step only
+    # oscillates around zero). At lam 3e-2 a few of LeNet's 570 gammas reach it in two epochs and
+    # the network still learns.
+    lam = TINY.index("--lam") + 1
+    args = TINY[:lam] + ["3e-2"] + TINY[lam + 1:]
+    run_cli("train", *args, "--amp", "--mode", "proximal", "--penalty", "tl1", "--out", tmp_path)
     metrics = [json.loads(line) for line in open(tmp_path / "train" / "metrics.jsonl")]
+    model, _ = load_model(tmp_path / "train" / "model.pt")
+    gammas = torch.cat([m.weight.detach().flatten() for m in model.modules()
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)])
+    zeros = int((gammas == 0).sum())
+    assert zeros > 0
+    assert metrics[-1]["gamma_zero"] == pytest.approx(zeros / gammas.numel())
     assert metrics[-1]["train_acc"] > 0.3
 
 
