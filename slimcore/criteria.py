@@ -15,13 +15,14 @@ bn_scale       |gamma| of every BatchNorm channel (network slimming, Liu et al. 
 l1_filter      Li et al. 2016: the L1 norm of each conv/linear filter, divided by its fan-in
                (the mean |w|), so a global threshold compares layers of different fan-in; within
                a layer the ranking is Li et al.'s.
-cfp            Singh et al. 2020 (seed 003): in each layer, repeatedly take the most correlated
+cfp            Singh et al., WACV 2020: in each layer, repeatedly take the most correlated
                pair of remaining filters (Pearson correlation of their weights) and drop the one
                with the smaller L1 norm; its score is 1 - |corr| of that pair (so global
                thresholds compare correlations); the last filter left is never dropped.
-hbfp           seed 003: like cfp, with pairs ranked by the distance of their L1-norm histories
-               over training epochs, D_ij = sum_t |l1_i(t) - l1_j(t)| (a FilterHistory records
-               them); the score is D_ij / (epochs * mean filter L1 norm of the layer).
+hbfp           Basha et al. 2021 ("Deep model compression based on the training history"): like
+               cfp, with pairs ranked by the distance of their L1-norm histories over training
+               epochs, D_ij = sum_t |l1_i(t) - l1_j(t)| (a FilterHistory records them); the
+               score is D_ij / (epochs * mean filter L1 norm of the layer).
 random         uniform random scores (a baseline), seeded.
 =============  ==================================================================================
 """
@@ -202,7 +203,7 @@ def atom_scores(graph, criterion, history=None, seed=0):
 
 
 def magnitude_prune(model, sparsity, modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), scope="global"):
-    """Unstructured magnitude pruning (Han et al. 2015, seed 002) of conv/linear weights.
+    """Unstructured magnitude pruning (Han et al., NeurIPS 2015) of conv/linear weights.
 
     Zeroes the ``sparsity`` fraction of weights with the smallest |w| (one threshold over all
     layers, or per layer with ``scope="layer"``) through ``torch.nn.utils.prune``: each module gets

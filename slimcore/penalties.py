@@ -7,7 +7,7 @@ The training objective is ``loss + lam * sum_i g(gamma_i)``. Each penalty turns 
     L1()                 g = |x|                                  (network slimming)
     L2()                 g = x^2                                  (ridge; never gives exact zeros)
     Lp(p, eps=1e-4)      g = |x|^p, 0 < p < 1                     (separable quasi-norm)
-    LpNorm(p, eps=1e-4)  lam * (sum |x|^p)^(1/p)                  (seed 000's form; subgradient only)
+    LpNorm(p, eps=1e-4)  lam * (sum |x|^p)^(1/p)                  (one norm of all gammas; subgradient only)
     TL1(a=1.0)           g = (a+1)|x| / (a+|x|)                   (transformed L1)
     SCAD(a=3.7)          Fan & Li; lam is SCAD's own lambda (slope at 0, knees lam and a*lam)
     MCP(gamma=3.0)       Zhang; lam is MCP's own lambda (slope at 0, flat beyond gamma*lam)
@@ -81,7 +81,7 @@ class Lp(Penalty):
 
 @dataclass(frozen=True)
 class LpNorm(Penalty):
-    """Seed 000's ``lam * (sum_i |x_i|^p)^(1/p)`` over all BN weights at once (not separable)."""
+    """``lam * (sum_i |x_i|^p)^(1/p)``: one Lp norm over all BN weights at once (not separable)."""
 
     p: float
     eps: float = 1e-4

@@ -3,8 +3,8 @@
 For one run: the gamma distribution after sparsity training (histogram, and the paper's sorted
 |gamma| curve with each prune threshold), accuracy per epoch of every stage, accuracy vs prune
 ratio (straight after pruning and after fine-tuning, against the unpruned baseline), and params,
-FLOPs and size on disk vs prune ratio (seed 000's figures). For a sweep of runs (e.g. three
-lambdas, seed 004): their gamma distributions side by side and a comparison table.
+FLOPs and size on disk vs prune ratio. For a sweep of runs (e.g. three lambdas): their gamma
+distributions side by side and a comparison table.
 """
 
 import glob
@@ -300,7 +300,7 @@ def report_sweep(runs, out_dir):
     if seeds:
         lines += [""] + seeds
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k, item in enumerate(summaries):  # sparsity training, per epoch (seed 004's second figure)
+    for k, item in enumerate(summaries):  # sparsity training, accuracy per epoch of each run
         m = item["train_metrics"]
         ax.plot([r["epoch"] + 1 for r in m], [r["test_acc"] for r in m], color=f"C{k % 10}",
                 label=f"{item['name']}: {item['label']} lambda={item['lam']:g}")

@@ -1,11 +1,11 @@
-"""FLOPs and parameter counts, with the conventions of seed 003.
+"""FLOPs and parameter counts, with the convention of the filter-pruning papers (Li et al., ICLR 2017).
 
 * conv: k_h * k_w * (C_in / groups) * H_out * W_out * C_out multiply-accumulates (any conv dimension);
 * fully connected: C_in * C_out (times any extra leading dimensions, per sample);
 * nothing else (BatchNorm, activations, pooling, additions) is counted.
 
-"FLOPs" here are multiply-accumulates per sample, as in the seeds and most pruning papers
-(VGG-16 on CIFAR: 3.1e8); multiply by 2 for floating-point operations. Parameters are all of the
+"FLOPs" here are multiply-accumulates per sample, as in most pruning papers
+(VGG-16 on CIFAR: 3.1e8, Li et al.'s Table 1); multiply by 2 for floating-point operations. Parameters are all of the
 model's parameters (BN and biases included). Counted with forward hooks on nn.Conv1d/2d/3d and
 nn.Linear modules, so convolutions written as functional calls in a forward are not seen.
 """

@@ -1301,7 +1301,7 @@ def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **pr
     """The smallest prune ratio at which ``prune(model, example_inputs, ratio, **prune_kwargs)``
     leaves at most ``flops_fraction`` of the model's FLOPs (multiply-accumulates, as in
     ``PruneReport``), found by bisection over dry runs; the model is not changed. For comparing
-    criteria at one FLOPs budget (seeds 002/003): each criterion removes different channels, so
+    criteria at one FLOPs budget (as filter-pruning papers compare them): each criterion removes different channels, so
     equal ratios give unequal FLOPs.
 
         r = slimcore.ratio_for_flops(model, x, 0.5, criterion="l1_filter")

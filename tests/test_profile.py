@@ -51,5 +51,5 @@ def test_profile_is_per_sample_and_matches_the_seed_figure():
     model = seed_models.build("vgg16").eval()
     one = slimcore.profile(model, torch.randn(1, 3, 32, 32))
     assert slimcore.profile(model, torch.randn(4, 3, 32, 32)) == one
-    # Seed 003: VGG-16 on CIFAR has 3.137e8 FLOPs (multiply-accumulates of conv and FC layers).
+    # Li et al., ICLR 2017, Table 1: VGG-16 on CIFAR-10 has 3.13e8 FLOPs (multiply-accumulates of conv and FC layers).
     assert one[0] == pytest.approx(3.137e8, rel=0.01)
