@@ -239,8 +239,8 @@ def report_sweep(runs, out_dir):
     """Compares runs: a table of their sparsity training (penalty, mode, lambda, accuracy, gamma
     sparsity), a table of every prune stage of each run (criterion, ratio, FLOPs, params, accuracy
     pruned and fine-tuned), mean ± std over runs that differ only by seed, their gamma
-    distributions, and accuracy against FLOPs kept per (run, criterion): the Pareto plot of seeds
-    002/003."""
+    distributions, and accuracy against FLOPs kept per (run, criterion): the Pareto plot
+    filter-pruning papers draw."""
     plt = _plt()
     os.makedirs(out_dir, exist_ok=True)
     cols = min(4, len(runs))
