@@ -237,3 +237,36 @@ def test_works_under_torch_compile(backend):
         return ops.channel_affine(x * 2, idx, k, c, "relu") + 1
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend=backend)(x), f(x))
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_every_isa_copy_matches_the_reference(capability):
+    # The kernel is compiled for baseline x86-64, AVX2 and AVX-512 and picked from ATen's CPU
+    # capability, which ATEN_CPU_CAPABILITY lowers: run the lower copies in a subprocess (the
+    # in-process tests run the best one).
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from slimcore import ops, reference
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 37, 9, 7, generator=g).to(dtype).contiguous(memory_format=fmt)
+        for index in (None, torch.randperm(37, generator=g)[:20], torch.arange(3, 30)):
+            c = 37 if index is None else len(index)
+            k, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+            if dtype == torch.float64:
+                k, b = k.double(), b.double()
+            for act in ("none", "relu", "relu6", "hardswish", "silu"):
+                got = ops.channel_affine(x, index, k, b, act)
+                want = reference.channel_affine(x, index, k, b, act)
+                tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+print("ok")
+"""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -11,7 +11,8 @@
 //           scalar coefficients, read from input plane (n, index[c]);
 //   Rows    a range crosses rows of C_out channels; each piece maps a row segment with
 //           per-channel coefficients, reading the input row through index: consecutive source
-//           channels as vector runs, or element by element when the runs are short.
+//           channels as vector runs, or element by element when the runs are short. Without a
+//           gather, short rows are swept many at a time (the range is contiguous in and out).
 // Inner loops use GCC vector extensions (float/double/bfloat16 loads and stores) and fall back
 // to plain loops for float16 and the tails; silu evaluates exp per lane.
 //
@@ -51,6 +52,9 @@ constexpr double kAffineNsPerElement = 0.4;
 constexpr double kSiluNsPerElement = 2.0;
 // Rows: source runs shorter than this (on average) are gathered element by element.
 constexpr int64_t kShortRun = 4;
+// Rows without a gather shorter than this many elements are swept several at a time (a row of 16
+// or 64 channels costs as much in per-row overhead as in arithmetic).
+constexpr int64_t kRowSweep = 1024;
 
 template <typename acc_t>
 struct VecOf {
@@ -144,6 +148,25 @@ inline void affine_cols(const scalar_t* x, scalar_t* y, int64_t n, const acc_t* 
   for (; i < n; ++i) y[i] = static_cast<scalar_t>(activate<A, acc_t>(static_cast<acc_t>(x[i]) * k[i] + c[i]));
 }
 
+// y[i] = act(x[index[i]] * k[i] + c[i]) for i in [0, n): a row's channels read through the index
+// (scalar loads into a vector, vector arithmetic and store).
+template <Activation A, typename scalar_t, typename acc_t>
+inline void affine_gather(const scalar_t* x, scalar_t* y, const int64_t* index, int64_t n, const acc_t* k,
+                          const acc_t* c) {
+  int64_t i = 0;
+  if constexpr (kVectorIO<scalar_t>) {
+    constexpr int64_t L = kLanes<acc_t>;
+    for (; i + L <= n; i += L) {
+      vec_t<acc_t> v, kv, cv;
+      for (int64_t l = 0; l < L; ++l) v[l] = static_cast<acc_t>(x[index[i + l]]);
+      std::memcpy(&kv, k + i, sizeof(kv));
+      std::memcpy(&cv, c + i, sizeof(cv));
+      vec_store<scalar_t, acc_t>(y + i, activate_vec<A, acc_t>(v * kv + cv));
+    }
+  }
+  for (; i < n; ++i) y[i] = static_cast<scalar_t>(activate<A, acc_t>(static_cast<acc_t>(x[index[i]]) * k[i] + c[i]));
+}
+
 // `len` output channels from `dst` on come from the consecutive input channels from `src` on.
 struct Run {
   int64_t dst, src, len;
@@ -191,6 +214,23 @@ void run_kernel(const AffineArgs& a, const scalar_t* in, scalar_t* out, const in
   }
   const std::vector<Run> runs = row_runs(index, a.C_out);
   const int64_t C = a.C_out;
+  const bool identity = a.C_in == C && runs.size() == 1 && runs[0].src == 0;
+  if (identity && C < kRowSweep) {
+    // Input and output rows have the same length: a task's range is one contiguous span of both,
+    // swept with the coefficients repeated over `reps` rows (plus one, for spans starting mid-row).
+    const int64_t reps = kRowSweep / C + 1;
+    std::vector<acc_t> k(C * (reps + 1)), b(C * (reps + 1));
+    for (int64_t j = 0; j < C * (reps + 1); ++j) k[j] = scale[j % C], b[j] = shift[j % C];
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end;) {
+        const int64_t off = p % C;
+        const int64_t len = std::min(end - p, C * reps);
+        affine_cols<A, scalar_t, acc_t>(in + p, out + p, len, k.data() + off, b.data() + off);
+        p += len;
+      }
+    });
+    return;
+  }
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     int64_t row = begin / C;
     int64_t c0 = begin - row * C;
@@ -199,9 +239,7 @@ void run_kernel(const AffineArgs& a, const scalar_t* in, scalar_t* out, const in
       const scalar_t* x = in + row * a.C_in;
       scalar_t* y = out + row * C;
       if (runs.empty()) {  // short runs: gather element by element
-        for (int64_t c = c0; c < c1; ++c) {
-          y[c] = static_cast<scalar_t>(activate<A, acc_t>(static_cast<acc_t>(x[index[c]]) * scale[c] + shift[c]));
-        }
+        affine_gather<A, scalar_t, acc_t>(x, y + c0, index + c0, c1 - c0, scale + c0, shift + c0);
       } else {
         auto run = c0 == 0 ? runs.begin()
                            : std::upper_bound(runs.begin(), runs.end(), c0,
