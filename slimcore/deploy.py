@@ -71,10 +71,9 @@ def _activation_of(node, modules, source):
     return None
 
 
-def _fuse_traced(model, portable, fuse_activations):
-    """The model as a torch.fx GraphModule with its BNs replaced by ChannelAffine (activations fused
-    where the graph allows) and identities dropped; raises what torch.fx raises on untraceable code."""
-    graph = _Tracer().trace(model)
+def _fuse_traced(model, graph, portable, fuse_activations):
+    """The model as a torch.fx GraphModule of its traced ``graph``, with its BNs replaced by
+    ChannelAffine (activations fused where the graph allows) and identities dropped."""
     gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
     modules = dict(gm.named_modules())
     calls = {}
@@ -217,11 +216,15 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
         m = m.to(dtype)
     folded = fold_bn(m, inputs)
     try:
-        m, fused, activations = _fuse_traced(m, portable, fuse_activations)
-        traced = True
-    except Exception:  # torch.fx stops at Python control flow on values: replace module by module
+        graph = _Tracer().trace(m)
+    except Exception:  # torch.fx stops at Python control flow on values (TraceError, TypeError, ...)
+        graph = None
+    traced = graph is not None
+    if traced:
+        m, fused, activations = _fuse_traced(m, graph, portable, fuse_activations)
+    else:  # replace module by module
         m, fused = _fuse_modules(m, portable)
-        activations, traced = {}, False
+        activations = {}
 
     has_4d = any(p.dim() == 4 for p in m.parameters()) and any(
         isinstance(t, torch.Tensor) and t.dim() == 4 for t in inputs)
