@@ -131,8 +131,8 @@ def prepare(model, x, args, device, dtype):
     deployed = slimcore.deploy(model, x, device=device, dtype=dtype, memory_format=fmt,
                                compile=args.form == "compile", portable=args.form == "onnxruntime", timing_rounds=3)
     chosen = deployed.deploy_report["memory_format"]
-    if args.form == "onnxruntime":
-        return onnxruntime_fn(deployed, x, args.threads), chosen
+    if args.form == "onnxruntime":  # ONNX Runtime picks its own layouts
+        return onnxruntime_fn(deployed, x, args.threads), "onnx"
     return forward_fn(deployed, x), chosen
 
 
