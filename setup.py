@@ -127,6 +127,7 @@ def extension():
     sources = ["csrc/ops.cpp", "csrc/penalty_args.cpp", "csrc/python_module.cpp"]
     sources += ["csrc/channel_gather_args.cpp", "csrc/channel_gather_autograd.cpp"]
     sources += ["csrc/batch_norm_args.cpp", "csrc/batch_norm_autograd.cpp"]
+    sources += ["csrc/channel_affine_args.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets GCC if-convert the NaN-propagating selects and vectorise the loops.
     cxx_flags = ["-O3", "-fno-trapping-math", "-DPy_LIMITED_API=0x030A0000"]

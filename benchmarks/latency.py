@@ -14,27 +14,37 @@ run's sparsity-trained network (slimcore train), pruned by its own gammas.
 
 A slimmed model slower than its dense model is flagged in the table and the JSON.
 
-Default (the README's first command): VGG-19, pre-activation ResNet-164 and DenseNet-40 at 32x32
-(batch 32), torchvision resnet50 and mobilenet_v2 at 224x224 (batch 4), ratios 0.3/0.5/0.7:
-about two minutes on a 2-core CPU. The project's CPU targets are measured at batch 64:
+Dense and slimmed models are always timed in the same form (--form, reported in every record):
 
-    python benchmarks/latency.py --models vgg19,resnet50 --ratios 0.5 --batch-sizes 64 \\
-        --fold-bn --channels-last --round-to 8
+    deploy       slimcore.deploy (default): BN folded where exact, the other BNs as one fused
+                 gather-scale-shift-activation op, NCHW or channels_last by measurement
+    as-pruned    the model prune returns; --fold-bn, --channels-last and --compile modify it
+    compile      slimcore.deploy(..., compile=True) (torch.compile; slow to start)
+    onnxruntime  slimcore.deploy(..., portable=True) exported to ONNX, run by ONNX Runtime's CPU
+                 provider with --threads intra-op threads (needs onnx, onnxscript, onnxruntime)
+
+Default (the README's first command): VGG-19, pre-activation ResNet-164 and DenseNet-40 at 32x32
+(batch 32), torchvision resnet50 and mobilenet_v2 at 224x224 (batch 4), ratios 0.3/0.5/0.7, deploy
+form: about two minutes on a 2-core CPU. The project's CPU targets are measured at batch 64:
+
+    python benchmarks/latency.py --models vgg19,resnet50 --ratios 0.5 --batch-sizes 64 --round-to 8
 
 --round-to takes several values (e.g. 1,8,32,auto): each ratio then gets one slimmed model per
 value, all timed in the same interleaved rounds against the same dense model. "auto" is
 slimcore.prune(..., round_to="auto"): layer widths snapped up only where a measured width is
 faster (slimcore/widths.py), timed at the benchmark's batch, dtype, memory format and device,
-and kept only if the whole pruned model (after --fold-bn, as it is timed here) beat round_to=1's
-in prune's own check (records: auto_latency_check).
+and kept only if the whole pruned model (in the benchmark's form: deployed, or folded with
+--fold-bn) beat round_to=1's in prune's own check (records: auto_latency_check).
 
 Results: a JSON file (benchmarks/results/latency-<device>.json, or --out) whose records carry
-model, ratio, batch_size, device, dtype, threads, params/flops dense and slim, latencies, speed-ups
-and realised fraction; and a PNG plot of speed-up vs prune ratio with the FLOPs prediction.
+model, ratio, batch_size, device, dtype, threads, form, params/flops dense and slim, latencies,
+speed-ups and realised fraction (and, for deploy forms, the memory format deploy chose for each); and a PNG plot of speed-up vs prune ratio with the FLOPs prediction.
 """
 
 import argparse
+import contextlib
 import copy
+import io
 import os
 import sys
 import time
@@ -102,17 +112,47 @@ def from_run(path):
     raise SystemExit(f"latency.py: no model.pt in {path} (expected a run directory from `slimcore train`)")
 
 
+FORMS = ("deploy", "as-pruned", "compile", "onnxruntime")
+
+
 def prepare(model, x, args, device, dtype):
-    """The inference form of a model: device, dtype, BN folding, memory format, compilation."""
+    """The form of a model that is timed (--form): (forward function, memory format or None)."""
     model = model.to(device)
-    if args.fold_bn:
-        slimcore.fold_bn(model, x)
-    model = model.to(dtype=dtype)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model = torch.compile(model)
-    return model
+    if args.form == "as-pruned":
+        if args.fold_bn:
+            slimcore.fold_bn(model, x)
+        model = model.to(dtype=dtype)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if args.compile:
+            model = torch.compile(model)
+        return forward_fn(model, x), "channels_last" if args.channels_last else "contiguous"
+    fmt = "channels_last" if args.channels_last else "auto"
+    deployed = slimcore.deploy(model, x, device=device, dtype=dtype, memory_format=fmt,
+                               compile=args.form == "compile", portable=args.form == "onnxruntime", timing_rounds=3)
+    chosen = deployed.deploy_report["memory_format"]
+    if args.form == "onnxruntime":  # ONNX Runtime picks its own layouts
+        return onnxruntime_fn(deployed, x, args.threads), "onnx"
+    return forward_fn(deployed, x), chosen
+
+
+def onnxruntime_fn(model, x, threads):
+    """model exported to ONNX (torch.onnx, dynamo exporter) and run by ONNX Runtime on the CPU."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x.cpu(),), path, dynamo=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+    return lambda: session.run(None, feed)
 
 
 def folding(example):
@@ -123,6 +163,12 @@ def folding(example):
         return model
 
     return deploy
+
+
+def deploying(example, memory_format):
+    """prune's deploy hook for the deploy forms: the whole-model check times deployed candidates
+    (in the memory format of the layer timings)."""
+    return lambda model: slimcore.deploy(model, example, memory_format=memory_format)
 
 
 def forward_fn(model, x):
@@ -159,7 +205,7 @@ def plot(records, path):
                 ax.plot(ratios, [1.0] + [r["speedup"] for r in rs], "o-", color=color, label=f"{label} measured")
                 ax.plot(ratios, [1.0] + [r["flops_speedup"] for r in rs], "--", color=color, alpha=0.6,
                         label=f"{label} FLOPs")
-        ax.set_title(f"batch {bs}, {records[0]['device']}, {records[0]['dtype']}")
+        ax.set_title(f"batch {bs}, {records[0]['device']}, {records[0]['dtype']}, {records[0]['form']} form")
         ax.set_xlabel("prune ratio (share of channels removed)")
         ax.set_ylabel("speed-up over dense")
         ax.grid(alpha=0.3)
@@ -181,9 +227,13 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for models and inputs")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every variant (slow to start)")
-    parser.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv/linear")
+    parser.add_argument("--form", choices=FORMS, default="deploy",
+                        help="how dense and slimmed models are run (the same for both; see above)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC memory format (deploy forms: instead of picking it by measurement)")
+    parser.add_argument("--compile", action="store_true", help="--form as-pruned: torch.compile every variant")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="--form as-pruned: fold BatchNorm into the preceding conv/linear")
     parser.add_argument("--round-to", default="1",
                         help="keep channel counts multiples of this, or 'auto' (measured widths, slimcore.widths); "
                              "comma-separated: one slimmed variant per value, all timed in the same rounds")
@@ -192,6 +242,18 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latency-<device>.json)")
     parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     args = parser.parse_args(argv)
+    if args.form != "as-pruned" and (args.fold_bn or args.compile):
+        parser.error(f"--fold-bn and --compile modify --form as-pruned; --form {args.form} "
+                     "already folds BN (use --form compile for torch.compile)")
+    if args.form == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            parser.error(f"--form onnxruntime needs onnx, onnxscript and onnxruntime ({exc}): "
+                         "pip install onnx onnxscript onnxruntime")
+        if args.device != "cpu":
+            parser.error("--form onnxruntime runs ONNX Runtime's CPU provider: use --device cpu")
 
     device = torch.device(selected_devices(args.device, "latency.py")[0])
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -203,11 +265,11 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=UserWarning)
     env = environment(device)
     round_tos = [r if r == "auto" else int(r) for r in args.round_to.split(",")]
-    options = dict(channels_last=args.channels_last, compile=args.compile, fold_bn=args.fold_bn)
+    options = dict(form=args.form, channels_last=args.channels_last, compile=args.compile, fold_bn=args.fold_bn)
     print(f"{env['device']} ({device.type}), torch {env['torch']}, threads {env['threads']}, {args.dtype}, "
           f"options {options}; latency: median ms per forward (IQR)")
     print(f"{'model':<14} {'ratio':>5} {'round':>5} {'batch':>5} {'params':>17} {'MFLOPs':>15}  {'dense ms':>15} {'slim ms':>15} "
-          f"{'speed-up':>8} {'FLOPs x':>7} {'realised':>8}")
+          f"{'speed-up':>8} {'FLOPs x':>7} {'realised':>8}  form (memory format dense/slim)")
     records = []
     start = time.perf_counter()
     sources = [from_run(args.from_run)] if args.from_run else [(n, *build(n)) for n in args.models.split(",")]
@@ -221,21 +283,28 @@ def main(argv=None):
             # batch size, so the ratios share its timings (prune ignores it for other round_to values).
             table = LatencyTable(device, dtype=dtype, batch=bs, channels_last=args.channels_last) \
                 if "auto" in round_tos else None
+            hook = None
+            if args.form != "as-pruned":
+                hook = deploying(example, "channels_last" if args.channels_last else "contiguous")
+            elif args.fold_bn:
+                hook = folding(example)
             for ratio in ratios:
                 for round_to in round_tos:
                     slim = copy.deepcopy(dense)
                     report = slimcore.prune(slim, example, ratio=ratio, round_to=round_to, latency_table=table,
-                                            deploy=folding(example) if args.fold_bn else None)
+                                            deploy=hook)
                     widened = sum(w["chosen"] != w["asked"] for w in report.widths)
                     checks[ratio, round_to] = report.latency_check
                     slims[ratio, round_to] = (slim, *slimcore.profile(slim, example), widened)
             x = torch.randn(bs, *shape, device=device, dtype=dtype)
-            if args.channels_last and x.dim() == 4:
+            if args.form == "as-pruned" and args.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            example_dev = example.to(device)
-            variants = {"dense": forward_fn(prepare(copy.deepcopy(dense), example_dev, args, device, dtype), x)}
+            # deploy forms: the model is given NCHW input, as a user would; deploy picks its memory format
+            # on the timed batch itself.
+            variants, formats = {}, {}
+            variants["dense"], formats["dense"] = prepare(copy.deepcopy(dense), x, args, device, dtype)
             for key, (slim, *_) in slims.items():
-                variants[key] = forward_fn(prepare(copy.deepcopy(slim), example_dev, args, device, dtype), x)
+                variants[key], formats[key] = prepare(copy.deepcopy(slim), x, args, device, dtype)
             times = interleaved(variants, device, args.repeats, args.round_seconds, warmup_calls=3, min_calls=1)
             dense_ms, dense_iqr = (t / 1e3 for t in times["dense"])
             for (ratio, round_to), (slim, flops_slim, params_slim, widened) in slims.items():
@@ -251,13 +320,15 @@ def main(argv=None):
                     slower_than_dense=slim_ms > dense_ms, **options, round_to=round_to,
                     auto_widened_layers=widened if round_to == "auto" else None,
                     auto_latency_check=checks[ratio, round_to],
+                    memory_format_dense=formats["dense"], memory_format_slim=formats[ratio, round_to],
                 )
                 records.append(rec)
                 flag = "  SLOWER THAN DENSE" if rec["slower_than_dense"] else ""
                 print(f"{name:<14} {ratio:>5.2f} {str(round_to):>5} {bs:>5} {params_dense / 1e6:>7.2f}M->"
                       f"{params_slim / 1e6:>6.2f}M {flops_dense / 1e6:>7.0f}->{flops_slim / 1e6:>6.0f}  "
                       f"{dense_ms:>8.2f} ({dense_iqr:>4.2f}) {slim_ms:>8.2f} ({slim_iqr:>4.2f}) {speedup:>7.2f}x "
-                      f"{flops_speedup:>6.2f}x {rec['realised_fraction']:>8.2f}{flag}", flush=True)
+                      f"{flops_speedup:>6.2f}x {rec['realised_fraction']:>8.2f}  {args.form} "
+                      f"({formats['dense']}/{formats[ratio, round_to]}){flag}", flush=True)
     out = args.out or os.path.join(RESULTS, f"latency-{device.type}.json")
     write_json(out, dict(benchmark="latency", **env, dtype=args.dtype, options=options, repeats=args.repeats,
                          seconds=time.perf_counter() - start, records=records))

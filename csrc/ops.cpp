@@ -17,6 +17,9 @@
 //
 // The channel gather ops prune a weight: None keeps that dimension whole; indices are int64 1-D on
 // the weight's device (csrc/channel_gather_args.h states every rule).
+//
+// channel_affine is an eval-mode BatchNorm over selected input channels with the activation that
+// reads it, in one pass (deploy's fused selection BN; csrc/channel_affine_args.h states every rule).
 #include <torch/library.h>
 
 TORCH_LIBRARY(slimcore, m) {
@@ -47,4 +50,7 @@ TORCH_LIBRARY(slimcore, m) {
   m.def("channel_gather(Tensor weight, Tensor? out_index, Tensor? in_index) -> Tensor");
   // the same in place (strictly increasing indices): kept values move to the front, weight is resized
   m.def("channel_gather_(Tensor(a!) weight, Tensor? out_index, Tensor? in_index) -> Tensor(a!)");
+  // act(input.index_select(1, index) * scale[c] + shift[c]) per channel c, in input's layout;
+  // activation: none | relu | relu6 | hardswish | silu. Inference only (no autograd).
+  m.def("channel_affine(Tensor input, Tensor? index, Tensor scale, Tensor shift, str activation) -> Tensor");
 }

@@ -9,6 +9,7 @@ from . import models, nn, penalties, reference
 from ._ext import build_info
 from ._io import CheckpointError
 from .criteria import FilterHistory, magnitude_prune
+from .deploy import deploy
 from .fold import fold_bn
 from .graph import TraceFailure
 from .nn import SlimBatchNorm1d, SlimBatchNorm2d, convert_bn, revert_bn, set_penalty_scale
@@ -50,6 +51,7 @@ __all__ = [
     "FilterHistory",
     "TraceFailure",
     "fold_bn",
+    "deploy",
     "SlimBatchNorm1d",
     "SlimBatchNorm2d",
     "convert_bn",

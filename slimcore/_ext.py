@@ -11,7 +11,7 @@ import torch
 
 _OPS = (
     "penalty_subgradient_", "penalty_prox_", "penalty_value", "channel_gather", "channel_gather_",
-    "batch_norm", "batch_norm_backward",
+    "batch_norm", "batch_norm_backward", "channel_affine",
 )
 _FIX = (
     "Falling back to slimcore's pure-PyTorch reference ops (same results, slower). "

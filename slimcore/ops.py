@@ -76,6 +76,21 @@ def channel_gather_(weight, out_index=None, in_index=None):
     return reference.channel_gather_(weight, out_index, in_index)
 
 
+def channel_affine(input, index, scale, shift, activation="none"):
+    """act(input.index_select(1, index) * scale[c] + shift[c]) per output channel c, in one pass.
+
+    An eval-mode BatchNorm (scale = gamma / sqrt(var + eps), shift = beta - mean * scale) over a
+    selection of its input channels, with the activation that reads it ("none", "relu", "relu6",
+    "hardswish", "silu"). index: int64 1-D on input's device, any order, duplicates allowed; None
+    keeps every channel. input: contiguous or channels_last (the output has its layout), float32,
+    float64, float16 or bfloat16; scale/shift of input's dtype or float32. Inference only: not
+    differentiable.
+    """
+    if LOADED:
+        return torch.ops.slimcore.channel_affine.default(input, index, scale, shift, activation)
+    return reference.channel_affine(input, index, scale, shift, activation)
+
+
 def batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
                penalty="l1", scale=0.0, p=0.0, a=0.0, knee=0.0, penalty_eps=0.0):
     """BatchNorm over every dim but 1 -> (out, save_mean, save_invstd), differentiable in input, weight
@@ -183,6 +198,12 @@ if LOADED:
     def _channel_gather_fake(weight, out_index, in_index):
         reference.check_gather("channel_gather", weight, out_index, in_index, False, check_values=False)
         return weight.new_empty(reference.gathered_shape(weight, out_index, in_index))
+
+    @torch.library.register_fake("slimcore::channel_affine")
+    def _channel_affine_fake(input, index, scale, shift, activation):
+        shape = reference.check_channel_affine(input, index, scale, shift, activation, check_values=False)
+        fmt = reference.affine_memory_format(input)
+        return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
     @torch.library.register_fake("slimcore::channel_gather_")
     def _channel_gather__fake(weight, out_index, in_index):

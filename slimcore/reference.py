@@ -339,6 +339,94 @@ def channel_gather_(weight, out_index, in_index):
 
 
 # --------------------------------------------------------------------------------------------
+# Channel affine (deploy's fused selection BN): the rules and messages of csrc/channel_affine_args.cpp.
+
+ACTIVATIONS = {
+    "none": lambda y: y,
+    "relu": torch.relu,
+    "relu6": torch.nn.functional.relu6,
+    "hardswish": torch.nn.functional.hardswish,
+    "silu": torch.nn.functional.silu,
+}
+
+
+# c10::ScalarType's names, as the kernels' messages print dtypes
+_SCALAR_TYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                      torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+                      torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}
+
+
+def _type_name(dtype):
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype))
+
+
+def affine_memory_format(input):
+    """The layout channel_affine reads and writes: contiguous, or channels_last(_3d); None if neither."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def check_channel_affine(input, index, scale, shift, activation, check_values=True):
+    """Validates channel_affine's arguments in the kernels' order; returns the output's shape.
+    ``check_values=False`` skips the index range check (data-dependent): the fake kernel uses it."""
+    op = "slimcore: channel_affine"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation '{activation}'; expected one of none, relu, relu6, hardswish, silu")
+    if input.dim() < 2:
+        raise ValueError(f"{op}: input must have a channel dimension (N, C, ...), got shape {list(input.shape)}")
+    if input.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: input must be float32, float64, float16 or bfloat16, got {_type_name(input.dtype)}")
+    if affine_memory_format(input) is None:
+        raise ValueError(
+            f"{op}: input must be contiguous (NCHW) or channels_last, got sizes {list(input.shape)} and strides "
+            f"{list(input.stride())}; call .contiguous() or .contiguous(memory_format=torch.channels_last) first"
+        )
+    channels = input.shape[1]
+    if index is not None:
+        if index.dtype != torch.int64:
+            raise TypeError(f"{op}: index must be an int64 (torch.long) tensor, got {_type_name(index.dtype)}")
+        if index.dim() != 1:
+            raise ValueError(f"{op}: index must be 1-D, got shape {list(index.shape)}")
+        if index.device != input.device:
+            raise ValueError(f"{op}: index is on {index.device} but input is on {input.device}")
+        if check_values:
+            for k, v in enumerate(index.tolist()):
+                if not 0 <= v < input.shape[1]:
+                    raise IndexError(f"{op}: index[{k}] = {v} is out of range for the input's {input.shape[1]} channels")
+        channels = index.numel()
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.device != input.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"{op}: {name} must have shape [{channels}] (one value per output channel), got "
+                             f"{list(t.shape)}")
+        half = input.dtype in (torch.float16, torch.bfloat16)
+        if not (t.dtype == input.dtype or (half and t.dtype == torch.float32)):
+            raise TypeError(f"{op}: {name} is {_type_name(t.dtype)} but input is {_type_name(input.dtype)}; {name} "
+                            "must have input's dtype "
+                            "(or float32 for float16/bfloat16 input)")
+    return [input.shape[0], channels, *input.shape[2:]]
+
+
+def channel_affine(input, index, scale, shift, activation):
+    """act(input.index_select(1, index) * scale[c] + shift[c]) per channel c (index None: every
+    channel), computed in float32 (float64 for float64 input), in input's memory layout."""
+    check_channel_affine(input, index, scale, shift, activation)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input if index is None else input.index_select(1, index)
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    y = ACTIVATIONS[activation](x.to(acc) * scale.to(acc).view(shape) + shift.to(acc).view(shape))
+    # allocated as the kernels allocate (a C=1 tensor is both layouts: the strides still differ)
+    out = torch.empty(y.shape, dtype=input.dtype, device=input.device, memory_format=affine_memory_format(input))
+    return out.copy_(y)
+
+
+# --------------------------------------------------------------------------------------------
 # BatchNorm with the penalty in its backward: the rules and messages of csrc/batch_norm_args.cpp.
 
 

@@ -20,7 +20,8 @@ FIELDS = {"model": str, "ratio": float, "batch_size": int, "device": str, "dtype
           "realised_fraction": float}
 
 
-@pytest.mark.parametrize("options", [[], ["--fold-bn", "--channels-last", "--round-to", "4"]], ids=["plain", "options"])
+@pytest.mark.parametrize("options", [[], ["--form", "as-pruned", "--fold-bn", "--channels-last", "--round-to", "4"]],
+                         ids=["deploy", "as-pruned-options"])
 def test_latency_script_writes_its_schema(tmp_path, options):
     out = tmp_path / "latency.json"
     latency.main(["--models", "lenet5,mlp", "--ratios", "0.3,0.6", "--batch-sizes", "2,4", "--repeats", "3",
@@ -40,6 +41,8 @@ def test_latency_script_writes_its_schema(tmp_path, options):
     # Params and FLOPs are those of the very models benchmarked: rebuild them independently.
     round_to = 4 if options else 1
     for rec in records:
+        assert rec["form"] == ("as-pruned" if options else "deploy")
+        assert rec["memory_format_dense"] in ("contiguous", "channels_last")
         dense, shape = latency.build(rec["model"])
         x = torch.randn(1, *shape)
         slim = copy.deepcopy(dense)
@@ -82,7 +85,7 @@ def test_fold_bn_makes_the_whole_model_check_time_folded_candidates(tmp_path, mo
     monkeypatch.setattr(latency.slimcore, "prune", spy)
     out = tmp_path / "latency.json"
     latency.main(["--models", "lenet5", "--ratios", "0.5", "--batch-sizes", "4", "--repeats", "3", "--fold-bn",
-                  "--round-seconds", "0.01", "--round-to", "1,auto", "--out", str(out)])
+                  "--form", "as-pruned", "--round-seconds", "0.01", "--round-to", "1,auto", "--out", str(out)])
     by = {r["round_to"]: r for r in json.loads(out.read_text())["records"]}
     assert by["auto"]["auto_latency_check"] is not None
     assert len(deployed) == len(by["auto"]["auto_latency_check"]["ms"]) and all(deployed)
@@ -114,3 +117,37 @@ def test_latency_from_a_run_directory(tmp_path):
     slimcore.prune(slim, x, ratio=0.5)  # pruned by the run's own gammas
     assert (rec["flops_dense"], rec["params_dense"]) == slimcore.profile(trained, x)
     assert (rec["flops_slim"], rec["params_slim"]) == slimcore.profile(slim, x)
+
+
+def test_deploy_form_times_deployed_models_for_dense_and_slim(tmp_path, monkeypatch):
+    # Both variants go through slimcore.deploy (spied on), each with the timed batch.
+    real, batches = slimcore.deploy, []
+
+    def spy(model, x, **kwargs):
+        batches.append(x.shape[0])
+        return real(model, x, **kwargs)
+
+    monkeypatch.setattr(latency.slimcore, "deploy", spy)
+    out = tmp_path / "latency.json"
+    latency.main(["--models", "preresnet56", "--ratios", "0.5", "--batch-sizes", "3", "--repeats", "3",
+                  "--round-seconds", "0.01", "--out", str(out)])
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["form"] == "deploy" and batches == [3, 3]
+    assert {rec["memory_format_dense"], rec["memory_format_slim"]} <= {"contiguous", "channels_last"}
+
+
+def test_forms_refuse_options_of_another_form():
+    for argv in (["--fold-bn"], ["--compile"], ["--form", "compile", "--fold-bn"]):
+        with pytest.raises(SystemExit) as info:
+            latency.main(["--models", "lenet5", *argv])
+        assert info.value.code == 2
+
+
+def test_onnxruntime_form(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "latency.json"
+    latency.main(["--models", "lenet5", "--ratios", "0.5", "--batch-sizes", "2", "--repeats", "3",
+                  "--round-seconds", "0.01", "--form", "onnxruntime", "--out", str(out)])
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["form"] == "onnxruntime" and rec["latency_slim_ms"] > 0
