@@ -38,7 +38,7 @@ from ._io import CheckpointError
 from .criteria import CRITERIA
 from .penalties import NAMES as PENALTY_NAMES
 from .profile import profile
-from .fold import fold_bn
+from .deploy import deploy
 from .prune import SCOPES, prune, ratio_for_channels, ratio_for_flops, ratio_for_latency, save_pruned
 from .train import FILTER_HISTORY, Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
 from .widths import LatencyTable
@@ -210,8 +210,8 @@ def parser():
                         "ratio that does is larger, found by dry runs. Stages: prune-<criterion>-channels<s>")
     p.add_argument("--latency", default=None,
                    help="instead of --ratio: run in at most this fraction of the dense model's latency, measured "
-                        "on --device at --latency-batch with BNs folded (comma-separated: several); found by timing "
-                        "pruned copies. Stages: prune-<criterion>-latency<f>")
+                        "on --device at --latency-batch in slimcore.deploy's form (comma-separated: several); "
+                        "found by timing pruned copies. Stages: prune-<criterion>-latency<f>")
     p.add_argument("--name", default=None,
                    help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
                         "prune-<criterion>-flops<f>, -channels<s> or -latency<f>; one ratio only). `finetune --stage NAME` fine-tunes it")
@@ -430,12 +430,12 @@ def _filter_history(model, source_dir):
     return history
 
 
-def _folded(example):
-    """The form --latency times: BatchNorms folded into their convs (a copy is what gets folded)."""
-    def deploy(model):
-        fold_bn(model, example)
-        return model
-    return deploy
+def _deployed(example):
+    """The form --latency times: slimcore.deploy's (BNs folded or fused with their activation), NCHW
+    so that every candidate runs in the same memory format."""
+    def deploy_copy(model):
+        return deploy(model, example, memory_format="contiguous")
+    return deploy_copy
 
 
 def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
@@ -486,7 +486,7 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
         elif latency is not None:
             search = {k: v for k, v in options.items() if k != "latency_table"}
             ratio = ratio_for_latency(model, x, latency, latency_table=table or LatencyTable(dev, batch=latency_batch),
-                                      deploy=_folded(x), **search)
+                                      deploy=_deployed(x), **search)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     # At a searched ratio the whole-model latency check (round_to="auto") stays off, as in the
