@@ -38,6 +38,10 @@ def _load():
         from . import _C  # noqa: F401  (importing registers the ops)
     except (ImportError, OSError) as exc:
         return f"slimcore._C could not be loaded ({exc})"
+    # a binary built from older sources (an editable install not rebuilt after a pull) lacks ops
+    missing = [op for op in _OPS if not hasattr(torch.ops.slimcore, op)]
+    if missing:
+        return f"slimcore._C lacks the ops {', '.join(missing)} (it was built from older sources)"
     return None
 
 

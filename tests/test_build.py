@@ -100,6 +100,14 @@ def test_fallback_when_the_binary_is_missing(package_copy):
     expect_fallback(run_probe(package_copy), "slimcore._C could not be loaded")
 
 
+def test_fallback_when_the_binary_lacks_an_op(package_copy):
+    # sources newer than the binary: their op list names an op the compiled library never registered
+    ext = package_copy / "_ext.py"
+    ext.write_text(ext.read_text().replace('"channel_affine",\n)', '"channel_affine", "op_from_newer_sources",\n)'))
+    result = run_probe(package_copy)
+    expect_fallback(result, "slimcore._C lacks the ops op_from_newer_sources (it was built from older sources)")
+
+
 def test_fallback_when_never_built(package_copy):
     os.remove(package_copy / "_build_config.py")
     expect_fallback(run_probe(package_copy), "never built")
