@@ -88,7 +88,8 @@ def main(argv=None):
             records.append(dict(model=name, target=target, ratio=ratio, measured_fraction=measured, measured_runs=fractions, flops_fraction=flops,
                                 params_fraction=report.params_after / report.params_before, search_seconds=seconds,
                                 batch=args.batch, threads=torch.get_num_threads(), within_5_percent=ok))
-    write_json(args.out, dict(benchmark="latency_budget", **environment(torch.device("cpu")), records=records))
+            # after every row: a long search cut short by a time limit keeps what was measured
+            write_json(args.out, dict(benchmark="latency_budget", **environment(torch.device("cpu")), records=records))
     print(f"wrote {args.out}")
 
 
