@@ -32,7 +32,7 @@ form: about two minutes on a 2-core CPU. The project's CPU targets are measured 
 --round-to takes several values (e.g. 1,8,32,auto): each ratio then gets one slimmed model per
 value, all timed in the same interleaved rounds against the same dense model. "auto" is
 slimcore.prune(..., round_to="auto"): layer widths snapped up only where a measured width is
-faster (slimcore/widths.py), timed at the benchmark's batch, dtype, memory format and device,
+faster (slimcore/pruning/widths.py), timed at the benchmark's batch, dtype, memory format and device,
 and kept only if the whole pruned model (in the benchmark's form: deployed, or folded with
 --fold-bn) beat round_to=1's in prune's own check (records: auto_latency_check).
 
@@ -54,8 +54,8 @@ import numpy as np
 import torch
 
 import slimcore
-import slimcore.graph
-from slimcore.widths import LatencyTable
+import slimcore.pruning.graph
+from slimcore import LatencyTable
 import slimcore.models as seed_models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,11 +67,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def draw_gammas(model, example, seed=0):
     """Random BN gammas such that a global threshold at ratio r removes a share r of every layer's
-    channels (in expectation). Each class of coupled channels (slimcore.graph) draws one uniform
+    channels (in expectation). Each class of coupled channels (slimcore.pruning.graph) draws one uniform
     value, and every BN channel that reads the class gets it: the pruner scores a class by the max
     of its BNs, so i.i.d. gammas would keep classes read by many BNs (residual streams) and cut the
     rest far harder than r."""
-    graph = slimcore.graph.analyze(model, (example,))
+    graph = slimcore.pruning.graph.analyze(model, (example,))
     value = np.random.default_rng(seed).random(graph.n_atoms)[graph.classes()] + 0.01
     with torch.no_grad():
         for mc in graph.modules.values():
@@ -102,7 +102,7 @@ def build(name, seed=0):
 def from_run(path):
     """(name, model, input shape) of a run directory's sparsity-trained model (RUN/train/model.pt),
     a stage directory, or a model.pt file written by slimcore's pipeline."""
-    from slimcore.train import load_model
+    from slimcore.pipeline.train import load_model
 
     for candidate in (os.path.join(path, "train", "model.pt"), os.path.join(path, "model.pt"), path):
         if os.path.isfile(candidate):
@@ -235,7 +235,7 @@ def main(argv=None):
     parser.add_argument("--fold-bn", action="store_true",
                         help="--form as-pruned: fold BatchNorm into the preceding conv/linear")
     parser.add_argument("--round-to", default="1",
-                        help="keep channel counts multiples of this, or 'auto' (measured widths, slimcore.widths); "
+                        help="keep channel counts multiples of this, or 'auto' (measured widths, slimcore.pruning.widths); "
                              "comma-separated: one slimmed variant per value, all timed in the same rounds")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--round-seconds", type=float, default=0.15, help="time per variant per round")

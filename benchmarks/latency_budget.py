@@ -30,18 +30,11 @@ import warnings
 import torch
 
 import slimcore
+from slimcore.inference.deploy import deploy_fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS, device_name, environment, write_json  # noqa: E402
 from latency import build  # noqa: E402
-
-
-def deployed(example):
-    """ratio_for_latency's deploy hook: the form the models run in (same for dense and pruned)."""
-    def deploy(model):
-        return slimcore.deploy(model, example, memory_format="contiguous")
-
-    return deploy
 
 
 def main(argv=None):
@@ -65,16 +58,17 @@ def main(argv=None):
         model, shape = build(name)
         x = torch.randn(1, *shape)
         batch_x = torch.randn(args.batch, *shape)
+        deployed = deploy_fn(batch_x, memory_format="contiguous")  # one form for dense and pruned
         table = slimcore.LatencyTable("cpu", batch=args.batch, persist=False)
-        dense = deployed(batch_x)(copy.deepcopy(model))
+        dense = deployed(copy.deepcopy(model))
         for target in targets:
             t0 = time.perf_counter()
             ratio = slimcore.ratio_for_latency(model, x, target, resolution=args.resolution, latency_table=table,
-                                               deploy=deployed(batch_x))
+                                               deploy=deployed)
             seconds = time.perf_counter() - t0
             pruned_model = copy.deepcopy(model)
             report = slimcore.prune(pruned_model, x, ratio=ratio)
-            pruned = deployed(batch_x)(pruned_model.eval())
+            pruned = deployed(pruned_model.eval())
             check = slimcore.LatencyTable("cpu", batch=args.batch, persist=False)
             fractions = []
             for _ in range(args.repeats):

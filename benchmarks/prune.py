@@ -217,7 +217,7 @@ def main(argv=None):
         same = "-"
         if have_tp and ":" not in name and "error" not in slim:
             report = slimcore.prune(build(name), x, ratio=args.ratio, dry_run=True)
-            if any(type(m) in slimcore.nn.PLAIN_BATCHNORM for m in build(name).modules()) or \
+            if any(type(m) in slimcore.pruning.modules.PLAIN_BATCHNORM for m in build(name).modules()) or \
                     "densenet" in name:
                 same = "n/a (selection BNs)"
             else:

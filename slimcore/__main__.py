@@ -1,7 +1,7 @@
-"""python -m slimcore (and torchrun -m slimcore): the command line, see slimcore/cli.py."""
+"""python -m slimcore (and torchrun -m slimcore): the command line, see slimcore/pipeline/cli.py."""
 
 import sys
 
-from .cli import main
+from .pipeline.cli import main
 
 sys.exit(main())

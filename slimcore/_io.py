@@ -75,21 +75,19 @@ def clean_stale_tmp(path):
     return removed
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, then rename over ``path``: a crash
-    mid-write leaves the previous file intact, never a truncated one. Tensors are written
-    compactly (only their own elements). The file gets torch.save's permissions (0666 less the
-    umask); a killed writer's temporary file is removed by the next save to the same path."""
-    obj = _compact(obj)
+def atomic_write(path, write, binary=False):
+    """Writes ``path`` through ``write(file)`` so that a crash mid-write leaves the previous file
+    intact, never a truncated one: a temporary file beside it, fsynced, then renamed over it. The
+    file gets the usual permissions (0666 less the umask); a killed writer's temporary file is
+    removed by the next write to the same path."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     clean_stale_tmp(path)
     tmp = _tmp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -97,6 +95,18 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path, text):
+    """``path`` holds ``text`` afterwards, written atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), atomically (see :func:`atomic_write`). Tensors are written compactly
+    (only their own elements)."""
+    obj = _compact(obj)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def safe_load(path, map_location="cpu"):

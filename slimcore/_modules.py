@@ -16,3 +16,9 @@ def eval_mode(model):
     finally:
         for m in training:
             m.training = True
+
+
+def parent_module(model, name):
+    """(parent module, attribute name) of the submodule called ``name``."""
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr

@@ -7,9 +7,10 @@ import sys
 import torch
 from torch.utils.data import DistributedSampler
 
-from slimcore import data, models
-from slimcore.step import bn_weights
-from slimcore.train import Settings, distributed, fit, model_meta
+from slimcore import models
+from slimcore.pipeline import data
+from slimcore import bn_weights
+from slimcore.pipeline.train import Settings, distributed, fit, model_meta
 
 
 def main(out_dir, world_batch, accumulate, mode):

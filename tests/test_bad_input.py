@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import slimcore
-from slimcore import cli, ops
+from slimcore import ops
+from slimcore.pipeline import cli
 from slimcore._io import CheckpointError, atomic_save
 
 # ------------------------------------------------------------------------------------------ ops

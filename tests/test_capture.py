@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimcore.capture import capture
+from slimcore.pruning.capture import capture
 
 
 class Ops(nn.Module):

@@ -12,9 +12,9 @@ from torch import nn
 
 import slimcore
 import slimcore.models as seed_models
-from slimcore.criteria import atom_scores
-from slimcore.graph import analyze
-from slimcore.prune import _Classes
+from slimcore.pruning.criteria import atom_scores
+from slimcore.pruning.graph import analyze
+from slimcore.pruning.decide import ChannelClasses
 
 X = torch.randn(4, 3, 32, 32)
 
@@ -44,7 +44,7 @@ def dead_share(model, x):
     """A ratio that removes exactly the prunable channel classes whose score is 0 (half a channel
     more than their share, less than any live class adds)."""
     graph = analyze(model, (x,))
-    classes = _Classes(graph, atom_scores(graph, "bn_scale"))
+    classes = ChannelClasses(graph, atom_scores(graph, "bn_scale"))
     cand = classes.candidate
     return float((classes.size[cand & (classes.score == 0)].sum() + 0.5) / classes.size[cand].sum())
 

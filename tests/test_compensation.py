@@ -1,4 +1,4 @@
-"""Bias compensation (slimcore.prune(compensate=True), slimcore/prune.py, nn.CompensatedConv*):
+"""Bias compensation (slimcore.prune(compensate=True), slimcore/pruning/compensate.py, nn.CompensatedConv*):
 a removed channel whose gammas are 0 emits a constant; folding it into the consumers makes the
 pruned model equal the dense one, at every position (zero-padded borders included)."""
 
@@ -14,9 +14,9 @@ from torch import nn
 
 import slimcore
 import slimcore.models as seed_models
-from slimcore import data
-from slimcore.graph import analyze
-from slimcore.train import Settings, evaluate, fit, model_meta
+from slimcore.pipeline import data
+from slimcore.pruning.graph import analyze
+from slimcore.pipeline.train import Settings, evaluate, fit, model_meta
 
 MODELS = [
     ("mlp", lambda: seed_models.build("mlp", in_channels=1, input_size=28), (4, 1, 28, 28)),

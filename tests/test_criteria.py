@@ -1,4 +1,4 @@
-"""slimcore.criteria: the pairwise-elimination scores of cfp/hbfp against a naive re-implementation,
+"""slimcore.pruning.criteria: the pairwise-elimination scores of cfp/hbfp against a naive re-implementation,
 the criteria's scores on known weights, and magnitude_prune against torch.nn.utils.prune semantics."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import slimcore
-from slimcore import criteria
-from slimcore.graph import analyze
+from slimcore.pruning import criteria
+from slimcore.pruning.graph import analyze
 
 
 def naive_pair_elimination(similarity, importance):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from slimcore import data
+from slimcore.pipeline import data
 
 needs_fashion = pytest.mark.skipif(
     not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),

@@ -1,4 +1,4 @@
-"""slimcore.deploy (slimcore/deploy.py): the inference form computes what the eval-mode model
+"""slimcore.deploy (slimcore/inference/deploy.py): the inference form computes what the eval-mode model
 computes (seed and torchvision models, dense and pruned), replaces every BN that cannot fold by one
 ChannelAffine with the activation fused only where the graph shows the BN is read by that
 activation alone, leaves the input model untouched, and exports (torch.export; ONNX Runtime for

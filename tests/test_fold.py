@@ -1,4 +1,4 @@
-"""slimcore.fold_bn (slimcore/fold.py): folding coupled BNs into their conv/linear keeps the
+"""slimcore.fold_bn (slimcore/inference/fold.py): folding coupled BNs into their conv/linear keeps the
 eval-mode function, also on pruned models, and leaves selection BNs and reused modules alone."""
 
 import copy

@@ -1,4 +1,4 @@
-"""The pipeline (slimcore/train.py, cli.py, plots.py): every command end to end on tiny settings,
+"""The pipeline (slimcore/pipeline/: train.py, cli.py, plots.py): every command end to end on tiny settings,
 exact resume after a crash, clear errors, and DDP with two CPU processes."""
 
 import json
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import slimcore
-from slimcore import cli, data, models
-from slimcore.train import Settings, fit, load_checkpoint, load_model, model_meta
+from slimcore import models
+from slimcore.pipeline import cli, data
+from slimcore.pipeline.train import Settings, fit, load_checkpoint, load_model, model_meta
 
 TINY = ["--model", "lenet5", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "64", "--lam", "1e-3",
         "--quiet"]
@@ -199,7 +200,7 @@ def test_fused_bn_training_follows_stock_bn_and_saves_plain_bn(tmp_path, penalty
         s = Settings(epochs=2, batch_size=64, accumulate=2, lam=3e-2, penalty=penalty, a=3.7, bn=bn, quiet=True)
         fit(model, loader, None, None, s, str(tmp_path / bn), model_meta("lenet5", {}, "synthetic", [1, 28, 28]),
             torch.device("cpu"))
-        assert not any(isinstance(m, slimcore.nn._SlimBatchNorm) for m in model.modules()), "reverted after training"
+        assert not any(isinstance(m, (slimcore.SlimBatchNorm1d, slimcore.SlimBatchNorm2d)) for m in model.modules()), "reverted after training"
         trained[bn] = model.state_dict()
     for name, want in trained["stock"].items():
         torch.testing.assert_close(trained["fused"][name], want, rtol=1e-4, atol=1e-5, msg=name)
@@ -380,12 +381,12 @@ def test_prune_to_a_measured_latency_from_the_cli(tmp_path, capsys):
 
 
 def test_scad_and_mcp_shape_form_from_the_cli(tmp_path, capsys):
-    from slimcore.train import make_penalty
+    from slimcore.pipeline.train import make_penalty
 
     args = cli.parser().parse_args(["train", *TINY, "--penalty", "scad", "--theta", "0.5", "--out", str(tmp_path)])
-    assert make_penalty(cli._settings(args)) == slimcore.SCAD(a=3.7, theta=0.5)
+    assert make_penalty(cli.settings_from_args(args)) == slimcore.SCAD(a=3.7, theta=0.5)
     args = cli.parser().parse_args(["train", *TINY, "--penalty", "mcp", "--a", "2", "--out", str(tmp_path)])
-    assert make_penalty(cli._settings(args)) == slimcore.MCP(gamma=2.0)
+    assert make_penalty(cli.settings_from_args(args)) == slimcore.MCP(gamma=2.0)
     run_cli("train", *TINY, "--penalty", "mcp", "--theta", "0.3", "--out", tmp_path / "m")
     assert json.load(open(tmp_path / "m" / "config.json"))["train"]["theta"] == 0.3
     assert cli.main(["train", *TINY, "--penalty", "l1", "--theta", "0.5", "--out", str(tmp_path / "x")]) == 2

@@ -1,4 +1,4 @@
-"""slimcore.profile (slimcore/profile.py) against fvcore's conv+linear counts and ptflops' params."""
+"""slimcore.profile (slimcore/pruning/profile.py) against fvcore's conv+linear counts and ptflops' params."""
 
 import logging
 import warnings

@@ -1,4 +1,4 @@
-"""slimcore.prune (slimcore/prune.py, graph.py, criteria.py): the pruned model must compute exactly
+"""slimcore.prune (slimcore/pruning/): the pruned model must compute exactly
 what the dense model computes with report.removed channels zeroed at the listed modules' outputs,
 and its params/FLOPs must be what the report says."""
 
@@ -355,7 +355,8 @@ def test_ratio_searches_bisect_on_what_prune_would_do(name, size, channels, opti
     the FLOPs (share of channels removed) they see at each ratio are those of the model prune()
     rebuilds (reports) at that ratio (residual blocks, concat, depthwise, round_to, layer caps and
     collapsed blocks included)."""
-    from slimcore.prune import _dry_measure
+    from slimcore.pruning.options import PruneOptions
+    from slimcore.pruning.search import dry_measure
 
     model, x = build_torchvision(name) if name == "mobilenet_v2" else build_seed(name, size, channels)
     with torch.no_grad():  # spread gammas, some near zero, so residual blocks collapse at high ratios
@@ -365,8 +366,8 @@ def test_ratio_searches_bisect_on_what_prune_would_do(name, size, channels, opti
         if name == "preresnet56":  # dead branches: these blocks collapse
             for block in list(model.layer1)[1::3] + list(model.layer2)[1::3]:
                 block.bn2.weight.zero_()
-    kept = _dry_measure(model, x, "flops_kept", **options)
-    removed = _dry_measure(model, x, "channels_removed", **options)
+    kept = dry_measure(model, x, "flops_kept", PruneOptions(**options))
+    removed = dry_measure(model, x, "channels_removed", PruneOptions(**options))
     dense_flops, _ = slimcore.profile(model, x)
     collapsed = 0
     for r in np.linspace(0.0, 0.95, 7):
@@ -396,13 +397,13 @@ def test_channels_removed_share_counts_a_residual_stream_once_per_conv(options):
 
 
 def test_smallest_ratio_bisects_and_looks_past_a_dip_near_one():
-    from slimcore.prune import _smallest_ratio
+    from slimcore.pruning.search import smallest_ratio
 
-    assert _smallest_ratio(lambda r: r >= 0.3, 1e-4) == pytest.approx(0.3, abs=1e-4)
-    assert _smallest_ratio(lambda r: True, 1e-4) == 0.0
-    dip = _smallest_ratio(lambda r: 0.3 <= r < 0.97, 1e-4)  # the largest ratio fails
+    assert smallest_ratio(lambda r: r >= 0.3, 1e-4) == pytest.approx(0.3, abs=1e-4)
+    assert smallest_ratio(lambda r: True, 1e-4) == 0.0
+    dip = smallest_ratio(lambda r: 0.3 <= r < 0.97, 1e-4)  # the largest ratio fails
     assert 0.3 <= dip <= 0.3 + 1e-4
-    assert _smallest_ratio(lambda r: False, 1e-4) is None
+    assert smallest_ratio(lambda r: False, 1e-4) is None
 
 
 @pytest.mark.parametrize("options", [{}, {"max_layer_ratio": 0.9}, {"round_to": 8, "max_layer_ratio": 0.8}])

@@ -1,4 +1,4 @@
-"""slimcore.SlimBatchNorm1d/2d, convert_bn, revert_bn, set_penalty_scale (slimcore/nn.py): drop-in
+"""slimcore.SlimBatchNorm1d/2d, convert_bn, revert_bn, set_penalty_scale (slimcore/sparsity/batchnorm.py): drop-in
 nn.BatchNorm semantics, the fused penalty against nn.BatchNorm + sparse_bn_step (one step, a short
 sparsity-training run, gradient accumulation), torch.compile, fx, and the pruner on converted models."""
 
@@ -299,7 +299,7 @@ def test_torch_compile_matches_eager(backend):
 def test_pruner_sees_slim_batchnorm_as_a_batchnorm():
     """slimcore::batch_norm is one of the batch-norm ops the pruner's rules know: each converted
     BN is a BN of its own parameters, coupled to the conv before it, as nn.BatchNorm2d is."""
-    from slimcore.graph import analyze
+    from slimcore.pruning.graph import analyze
 
     plain = small_cnn().eval()
     model = slimcore.convert_bn(small_cnn(), lam=1e-3).eval()

@@ -1,4 +1,4 @@
-"""slimcore.sparse_bn_step / SparseBNStep / sparsity_loss (slimcore/step.py): the penalty step over
+"""slimcore.sparse_bn_step / SparseBNStep / sparsity_loss (slimcore/sparsity/step.py): the penalty step over
 every BatchNorm of a model, checked against the reference repo's per-layer loop and the reference ops."""
 
 import copy

@@ -1,4 +1,4 @@
-"""round_to="auto" (slimcore/widths.py): latency-aware channel counts.
+"""round_to="auto" (slimcore/pruning/widths.py): latency-aware channel counts.
 
 The choice logic is tested with a table whose "timings" come from a known cost model (so the right
 answer is computable); real timing, the cache and the report are tested on a tiny model."""
@@ -13,7 +13,7 @@ import torchvision
 
 import slimcore
 from slimcore import models
-from slimcore.widths import LatencyTable
+from slimcore import LatencyTable
 from helpers import assert_same_function, randomize_batchnorms, zero_removed
 
 

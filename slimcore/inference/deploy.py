@@ -19,17 +19,17 @@ ONNX exporters and runtimes that do not know slimcore's library take the model.
 """
 
 import copy
-import statistics
-import time
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._modules import parent_module
+from ..pruning.modules import LEAF_MODULES, SELECTED_BATCHNORM
+from ..pruning.widths import interleaved_seconds
 from .fold import fold_bn
-from .nn import LEAF_MODULES, SELECTED_BATCHNORM, ChannelAffine
-from .prune import parent_module
+from .modules import ChannelAffine
 
 __all__ = ["deploy"]
 
@@ -142,20 +142,19 @@ def _run(model, inputs):
 
 
 def _time_candidates(candidates, inputs, device, rounds):
-    """{name: median seconds per call}: interleaved rounds so machine drift hits all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for m in candidates.values():  # warm-up: first calls pick kernels, pack weights, fill caches
-        _run(m, inputs)
-        _run(m, inputs)
-    samples = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, m in candidates.items():
-            sync()
-            t0 = time.perf_counter()
-            _run(m, inputs)
-            sync()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    """{name: median seconds per call} over ``rounds`` interleaved rounds."""
+    fns = [lambda m=m: _run(m, inputs) for m in candidates.values()]
+    seconds = interleaved_seconds(fns, device, min_runs=rounds, min_seconds=0.0, max_runs=rounds, percentile=50)
+    return dict(zip(candidates, seconds))
+
+
+def deploy_fn(example_inputs, **options):
+    """``model -> slimcore.deploy(model, example_inputs, **options)``: the ``deploy`` hook of
+    ``ratio_for_latency`` and ``prune(round_to="auto")``, so that dense and pruned copies are timed
+    in the form they will run in (pass ``memory_format`` to time every candidate in one format)."""
+    def deploy_model(model):
+        return deploy(model, example_inputs, **options)
+    return deploy_model
 
 
 def _model_device(model):

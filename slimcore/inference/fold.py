@@ -10,9 +10,9 @@ layers also read, so they stay.
 import torch
 from torch import nn
 
-from .graph import analyze
-from .nn import SELECTED_BATCHNORM
-from .prune import parent_module
+from .._modules import parent_module
+from ..pruning.graph import analyze
+from ..pruning.modules import SELECTED_BATCHNORM
 
 
 @torch.no_grad()

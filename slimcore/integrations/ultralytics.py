@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import CheckpointError, atomic_save
+from .._io import CheckpointError, atomic_save, atomic_write, atomic_write_text
 from .._modules import eval_mode
-from ..step import SparseBNStep, bn_weights, sparsity_loss
+from ..sparsity.step import SparseBNStep, bn_weights, sparsity_loss
 
 # |gamma| below this counts as "small" in the logs and reports (the slimcore pipeline's threshold).
 SMALL_GAMMA = 1e-2
@@ -267,7 +267,7 @@ class _SlimModelMixin:
     ``BN(conv(x) + extra) = fused_conv(x) + s * extra``."""
 
     def fuse(self, *args, **kwargs):
-        from ..nn import COMPENSATED_CONV
+        from ..pruning.modules import COMPENSATED_CONV
 
         compensated = tuple(COMPENSATED_CONV.values())
         pending = [(m, m.bn) for m in self.modules()
@@ -372,7 +372,7 @@ def prune_yolo(model_or_checkpoint, ratio=0.5, imgsz=640, **prune_kwargs):
     an untrained model, whose gammas are all 1, at any ratio): lower the ratio, train with the
     penalty first, or pass ``max_layer_ratio=0.9``.
     """
-    from ..prune import prune
+    from ..pruning.prune import prune
 
     yolo, module = _resolve(model_or_checkpoint)
     if isinstance(imgsz, bool) or not isinstance(imgsz, (int, np.integer)) or imgsz < 32:
@@ -614,7 +614,7 @@ def slim_trainer(lam=1e-4, penalty="l1", *, mode="subgradient", momentum=0.0, ta
     size ``lr / (1 - momentum)``). ``lam=0``: plain ultralytics training (fine-tuning a pruned model).
 
     ultralytics' ``optimizer="auto"`` picks AdamW for short runs, which normalises the penalty away
-    (slimcore/step.py); pass ``optimizer="SGD"`` for sparsity training. Resume a run with the same
+    (slimcore/sparsity/step.py); pass ``optimizer="SGD"`` for sparsity training. Resume a run with the same
     settings: ``YOLO("last.pt").train(resume=True, trainer=slim_trainer(...))``."""
     SparseBNStep([torch.zeros(1, requires_grad=True)], lam, penalty, mode=mode, momentum=momentum)  # checks the arguments
     base = _task_trainer(task)
@@ -730,9 +730,8 @@ def plot_gamma_histogram(stages, path, threshold=None):
 
 
 def _copy_atomic(src, dst):
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with open(src, "rb") as source:
+        atomic_write(dst, lambda f: shutil.copyfileobj(source, f), binary=True)
 
 
 def _start_model(model):
@@ -760,7 +759,7 @@ def _read_results_csv(path):
 
 def _stage_numbers(path, data, imgsz, batch, device, runs, name):
     """mAP50-95, mAP50 (ultralytics' validator on the data's val split), params and FLOPs of a checkpoint."""
-    from ..profile import profile
+    from ..pruning.profile import profile
 
     yolo = load_yolo(path)
     metrics = yolo.val(data=data, imgsz=imgsz, batch=batch, device=device, project=str(runs), name=name,
@@ -862,11 +861,9 @@ def run_recipe(model, data, out, *, lam=1e-3, ratio=0.5, epochs=10, finetune_epo
         "seconds": {"train": t1 - t0, "prune": t2 - t1, "finetune": t3 - t2, "evaluate": time.time() - t3},
         "versions": {"torch": torch.__version__, "ultralytics": ultralytics.__version__},
     }
-    tmp = out / "report.json.tmp"
     import json
 
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2))
     (out / "report.md").write_text(recipe_markdown(result))
     return result
 

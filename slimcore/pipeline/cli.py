@@ -24,28 +24,20 @@ Distributed: ``torchrun --nproc_per_node=N -m slimcore train ...`` (gloo on CPU,
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 
-import torch
 
+from .. import models
+from .._io import CheckpointError
+from ..pruning.criteria import CRITERIA
+from ..pruning.options import SCOPES
+from ..sparsity.penalties import NAMES as PENALTY_NAMES
 from . import data as data_mod
-from . import models
-from ._io import CheckpointError
-from .criteria import CRITERIA
-from .penalties import NAMES as PENALTY_NAMES
-from .profile import profile
-from .deploy import deploy
-from .prune import SCOPES, prune, ratio_for_channels, ratio_for_flops, ratio_for_latency, save_pruned
-from .train import FILTER_HISTORY, Settings, distributed, evaluate, example_input, fit, file_size, load_model, model_meta, resolve_device
-from .widths import LatencyTable
-
-
-class CLIError(RuntimeError):
-    pass
+from .stages import CLIError, finetune_stage, prune_stage, ratio_name, read_config, train_stage, write_json
+from .train import Settings, distributed, load_model
 
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -290,26 +282,7 @@ def _may_be_prune_stage(name):
     return not (os.sep in name or name.startswith(".") or name == "train" or name.startswith("finetune-"))
 
 
-def _ratio_name(r):
-    return f"{r:g}"
-
-
 # ---------------------------------------------------------------------------------------- run dirs
-
-
-def _read_config(run):
-    path = os.path.join(run, "config.json")
-    if not os.path.exists(path):
-        raise CLIError(f"{run} is not a slimcore run directory (no config.json): create it with `slimcore train`")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CLIError(f"{path} is not valid JSON (truncated or edited by hand? {exc}); restore it or "
-                       "start the run again") from None
-    if not isinstance(config, dict) or not {"model", "model_kwargs", "dataset"} <= config.keys():
-        raise CLIError(f"{path} is not a slimcore run config (it needs model, model_kwargs and dataset)")
-    return config
 
 
 def _out_dir(path, flag="--out"):
@@ -318,31 +291,7 @@ def _out_dir(path, flag="--out"):
     return path
 
 
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _data(config, settings, device, rank=0, world=1, batch_size=None):
-    from torch.utils.data import DistributedSampler
-
-    train, val, test, spec = data_mod.datasets(config["dataset"], config.get("data_dir"), config.get("val_split", 0.0),
-                                               seed=settings.seed, augment=config.get("augment", "auto"))
-    bs = batch_size or settings.batch_size
-    if bs % world:
-        raise CLIError(f"batch size {bs} must be divisible by the {world} processes")
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    train_loader = data_mod.Loader(train, spec, bs // world, train=True, sampler=sampler, seed=settings.seed,
-                                   device=device)
-    eval_bs = max(bs, 256)
-    val_loader = data_mod.Loader(val, spec, eval_bs, device=device) if val is not None else None
-    test_loader = data_mod.Loader(test, spec, eval_bs, device=device)
-    return train_loader, val_loader, test_loader, spec
-
-
-def _settings(args, lam=None, **overrides):
+def settings_from_args(args, lam=None, **overrides):
     s = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                  weight_decay=args.weight_decay, accumulate=args.accumulate, amp=args.amp, seed=args.seed,
                  channels_last=args.channels_last, quiet=args.quiet)
@@ -391,127 +340,19 @@ def _config_from_args(args, spec):
 # ---------------------------------------------------------------------------------------- commands
 
 
-def train_stage(config, settings, stage_dir, init_model=None, resume=False, stage="train", crash_after_epoch=None):
-    rank, world = distributed()
-    device = resolve_device(settings.extra.get("device", "auto"))
-    torch.manual_seed(settings.seed)
-    train_loader, val_loader, test_loader, spec = _data(config, settings, device, rank, world)
-    meta = model_meta(config["model"], config["model_kwargs"], config["dataset"], config["input_shape"])
-    model = init_model if init_model is not None else models.build(config["model"], **config["model_kwargs"])
-    return fit(model, train_loader, val_loader, test_loader, settings, stage_dir, meta, device, resume=resume,
-               stage=stage, crash_after_epoch=crash_after_epoch)
-
-
 def cmd_train(args, crash_after_epoch=None):
     rank, _ = distributed()
     _out_dir(args.out)
-    s = _settings(args, extra={"device": args.device})
+    s = settings_from_args(args, extra={"device": args.device})
     spec = data_mod.datasets(args.dataset, args.data_dir, 0.0)[3]
     config = _config_from_args(args, spec)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
-            config = _read_config(args.out) | {"resumed": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _write_json(os.path.join(args.out, "config.json"), config)
+            config = read_config(args.out) | {"resumed": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(os.path.join(args.out, "config.json"), config)
     return train_stage(config, s, os.path.join(args.out, "train"), resume=args.resume,
                        crash_after_epoch=crash_after_epoch)
-
-
-def _filter_history(model, source_dir):
-    from .criteria import FilterHistory
-    from ._io import safe_load
-
-    path = os.path.join(source_dir, FILTER_HISTORY)
-    if not os.path.exists(path):
-        raise CLIError(f"criterion hbfp needs the filter history of the stage's training ({path}), which "
-                       "`slimcore train` and `finetune` write; this stage has none (trained by an older slimcore?)")
-    history = FilterHistory(model)
-    history.load_state_dict(safe_load(path))
-    return history
-
-
-def _deployed(example):
-    """The form --latency times: slimcore.deploy's (BNs folded or fused with their activation), NCHW
-    so that every candidate runs in the same memory format."""
-    def deploy_copy(model):
-        return deploy(model, example, memory_format="contiguous")
-    return deploy_copy
-
-
-def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
-                device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64,
-                flops=None, channels=None, latency=None):
-    """Prunes source_dir/model.pt at one ratio (or, with ``flops``, at the ratio that keeps that
-    fraction of the FLOPs; with ``channels``, at the ratio that removes that share of the scored
-    channels; with ``latency``, at the ratio whose BN-folded model runs in that fraction of the
-    dense one's measured time) into out_dir (default run/prune-<ratio>, or
-    run/prune-<criterion>-{flops,channels,latency}<f>); returns its report. Under torchrun, rank 0
-    prunes and the others read its report."""
-    rank, world = distributed()
-    if flops is not None:
-        default_name = f"prune-{criterion}-flops{flops:g}"
-    elif channels is not None:
-        default_name = f"prune-{criterion}-channels{channels:g}"
-    elif latency is not None:
-        default_name = f"prune-{criterion}-latency{latency:g}"
-    else:
-        default_name = f"prune-{_ratio_name(ratio)}"
-    out_dir = out_dir or os.path.join(run, default_name)
-    if rank != 0:
-        torch.distributed.barrier()
-        with open(os.path.join(out_dir, "report.json")) as f:
-            return json.load(f)
-    config = _read_config(run)
-    source = os.path.join(source_dir, "model.pt")
-    if not os.path.exists(source):
-        raise CLIError(f"no trained model at {source}: run `slimcore train` (or the stage) first")
-    dev = resolve_device(device)
-    model, meta = load_model(source)
-    model.to(dev)
-    s = Settings(seed=0)
-    _, _, test_loader, _ = _data(config, s, dev, batch_size=256)
-    acc_before, _ = evaluate(model, test_loader, dev)
-    x = example_input(meta, dev)
-    flops_before, params_before = profile(model, x)
-    table = LatencyTable(dev, batch=latency_batch) if round_to == "auto" else None
-    options = dict(criterion=criterion, scope=scope, round_to=round_to, min_channels=min_channels,
-                   compensate=compensate, max_layer_ratio=max_layer_ratio, latency_table=table,
-                   history=_filter_history(model, source_dir) if criterion == "hbfp" else None)
-    model.eval()
-    try:
-        if flops is not None:
-            ratio = ratio_for_flops(model, x, flops, **options)
-        elif channels is not None:
-            ratio = ratio_for_channels(model, x, channels, **options)
-        elif latency is not None:
-            search = {k: v for k, v in options.items() if k != "latency_table"}
-            ratio = ratio_for_latency(model, x, latency, latency_table=table or LatencyTable(dev, batch=latency_batch),
-                                      deploy=_deployed(x), **search)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    # At a searched ratio the whole-model latency check (round_to="auto") stays off, as in the
-    # search: a uniform round_to it might choose would put channels back and miss the target.
-    searched = flops is not None or channels is not None or latency is not None
-    report = prune(model, x, ratio=ratio, check_latency=not searched, **options)
-    acc_after, _ = evaluate(model, test_loader, dev)
-    os.makedirs(out_dir, exist_ok=True)
-    save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})
-    result = {"ratio": ratio, "flops_target": flops, "channels_target": channels, "latency_target": latency,
-              "criterion": criterion, "scope": scope, "round_to": round_to,
-              "source": source,
-              "acc_before": acc_before, "acc_after": acc_after, "params_before": params_before,
-              "params_after": report.params_after, "flops_before": flops_before, "flops_after": report.flops_after,
-              "size_before": file_size(source), "size_after": file_size(os.path.join(out_dir, "model.pt")),
-              "channels_removed": report.channels_removed,
-              "channels_removed_share": report.channels_removed_share, "threshold": report.threshold,
-              "channels": {k: list(v) for k, v in report.channels.items()}, "notes": report.notes,
-              "seconds": report.seconds, "compensate": compensate, "compensated_layers": len(report.compensated),
-              "compensation_max_error": report.compensation_max_error, "max_layer_ratio": max_layer_ratio,
-              "collapsed": report.collapsed, "widths": report.widths, "latency_check": report.latency_check}
-    _write_json(os.path.join(out_dir, "report.json"), result)
-    if world > 1:
-        torch.distributed.barrier()
-    return result
 
 
 def _print_prune_table(results):
@@ -525,7 +366,7 @@ def _print_prune_table(results):
 
 def cmd_prune(args):
     run = args.run
-    _read_config(run)
+    read_config(run)
     given = [flag for flag, v in (("--ratio", args.ratio), ("--flops", args.flops), ("--channels", args.channels),
                                   ("--latency", args.latency)) if v is not None]
     if len(given) > 1:
@@ -552,16 +393,6 @@ def cmd_prune(args):
     return results
 
 
-def finetune_stage(run, prune_dir, out_dir, settings, resume=False, crash_after_epoch=None):
-    config = _read_config(run)
-    source = os.path.join(prune_dir, "model.pt")
-    if not os.path.exists(source):
-        raise CLIError(f"no pruned model at {source}: run `slimcore prune` first")
-    model, _ = load_model(source)
-    return train_stage(config, settings, out_dir, init_model=model, resume=resume, stage="finetune",
-                       crash_after_epoch=crash_after_epoch)
-
-
 def _finetune_settings(args, config):
     trained = config.get("train")
     if not isinstance(trained, dict):
@@ -582,7 +413,7 @@ def _finetune_settings(args, config):
 
 
 def cmd_finetune(args):
-    config = _read_config(args.run)
+    config = read_config(args.run)
     s = _finetune_settings(args, config)
     if args.stage is not None:
         names = [n.strip() for n in args.stage.split(",") if n.strip()]
@@ -590,7 +421,7 @@ def cmd_finetune(args):
             if not _may_be_prune_stage(n):
                 raise CLIError(f"--stage {n!r} is not a prune stage of the run")
     else:
-        names = [f"prune-{_ratio_name(r)}" for r in _ratios(args.ratio)]
+        names = [f"prune-{ratio_name(r)}" for r in _ratios(args.ratio)]
     return [finetune_stage(args.run, os.path.join(args.run, n), os.path.join(args.run, _finetune_name(n)), s,
                            resume=args.resume) for n in names]
 
@@ -610,9 +441,9 @@ def cmd_run(args):
     config = _config_from_args(args, spec)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        _write_json(os.path.join(args.out, "config.json"), config)
-    train_s = _settings(args, extra={"device": args.device})
-    tune_s = _settings(args, lam=0.0, epochs=args.finetune_epochs, extra={"device": args.device})
+        write_json(os.path.join(args.out, "config.json"), config)
+    train_s = settings_from_args(args, extra={"device": args.device})
+    tune_s = settings_from_args(args, lam=0.0, epochs=args.finetune_epochs, extra={"device": args.device})
     init = None
     summary = []
     for k in range(1, args.passes + 1):
@@ -620,18 +451,18 @@ def cmd_run(args):
         trained = train_stage(config, train_s, os.path.join(base, "train"), init_model=init, resume=args.resume)
         for r in ratios:
             pruned = prune_stage(args.out, os.path.join(base, "train"), r, args.criterion, args.scope, args.round_to,
-                                 args.min_channels, args.device, out_dir=os.path.join(base, f"prune-{_ratio_name(r)}"),
+                                 args.min_channels, args.device, out_dir=os.path.join(base, f"prune-{ratio_name(r)}"),
                                  compensate=args.compensate, max_layer_ratio=args.max_layer_ratio,
                                  latency_batch=args.latency_batch)
-            tuned = finetune_stage(args.out, os.path.join(base, f"prune-{_ratio_name(r)}"),
-                                   os.path.join(base, f"finetune-{_ratio_name(r)}"), tune_s, resume=args.resume)
+            tuned = finetune_stage(args.out, os.path.join(base, f"prune-{ratio_name(r)}"),
+                                   os.path.join(base, f"finetune-{ratio_name(r)}"), tune_s, resume=args.resume)
             summary.append({"pass": k, "ratio": r, "trained_acc": trained["test_acc"], **pruned,
                             "finetuned_acc": tuned["test_acc"]})
         if rank == 0:
             _print_prune_table([s for s in summary if s["pass"] == k])
-        init = load_model(os.path.join(base, f"finetune-{_ratio_name(ratios[0])}", "model.pt"))[0]
+        init = load_model(os.path.join(base, f"finetune-{ratio_name(ratios[0])}", "model.pt"))[0]
     if rank == 0:
-        _write_json(os.path.join(args.out, "summary.json"), summary)
+        write_json(os.path.join(args.out, "summary.json"), summary)
     return summary
 
 
@@ -641,13 +472,13 @@ def cmd_report(args):
     if args.out:
         _out_dir(args.out)
     if args.run:
-        _read_config(args.run)
+        read_config(args.run)
         path = report_run(args.run, args.out or args.run)
     else:
         if not args.out:
             raise CLIError("report --sweep needs --out DIR")
         for r in args.sweep:
-            _read_config(r)
+            read_config(r)
         path = report_sweep(args.sweep, args.out)
     print(f"wrote {path}")
     return path
@@ -655,7 +486,7 @@ def cmd_report(args):
 
 def cmd_yolo(args):
     try:
-        from .integrations import ultralytics as yolo
+        from ..integrations import ultralytics as yolo
     except ImportError as exc:
         raise CLIError(str(exc)) from None
     try:

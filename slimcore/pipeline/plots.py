@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from .step import bn_weights
+from ..sparsity.step import bn_weights
 
 
 def _plt():

@@ -37,12 +37,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import penalties
-from ._io import CheckpointError, atomic_save, safe_load
-from ._modules import eval_mode
-from .criteria import FilterHistory
-from .prune import channel_config, load_pruned, save_pruned
-from .step import SparseBNStep, bn_weights
+from .._io import CheckpointError, atomic_save, atomic_write_text, safe_load
+from .._modules import eval_mode
+from ..pruning.checkpoint import channel_config, load_pruned, save_pruned
+from ..pruning.criteria import FilterHistory
+from ..sparsity import penalties
+from ..sparsity.step import SparseBNStep, bn_weights
 
 CHECKPOINT_FORMAT = "slimcore.checkpoint/1"
 FILTER_HISTORY = "filter_history.pt"  # a stage's per-epoch filter L1 norms (slimcore.FilterHistory state)
@@ -193,11 +193,7 @@ def _read_metrics(path, before_epoch):
 
 
 def _write_metrics(path, records):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -233,11 +229,11 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         raise ValueError("bn='fused' adds the penalty's subgradient inside the BatchNorm backward; "
                          "proximal mode needs bn='stock' (nn.BatchNorm + sparse_bn_step)")
     if fused:
-        from .nn import _SlimBatchNorm, convert_bn, revert_bn, set_penalty_scale
+        from ..sparsity.batchnorm import convert_bn, is_slim_batchnorm, revert_bn, set_penalty_scale
 
         convert_bn(model, penalty=pen, lam=s.lam, penalty_scale=1.0 / s.accumulate)
         left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and m.weight is not None and not isinstance(m, _SlimBatchNorm)]
+                and m.weight is not None and not is_slim_batchnorm(m)]
         if left:  # they would train without any penalty
             revert_bn(model)
             raise ValueError(f"bn='fused' converts BatchNorm1d/2d only; {', '.join(left[:5])} "
@@ -349,7 +345,7 @@ def fit(model, train_loader, val_loader, test_loader, settings: Settings, stage_
         if crash_after_epoch is not None and epoch == crash_after_epoch:
             raise RuntimeError(f"simulated crash after epoch {epoch}")
     if fused:
-        from .nn import revert_bn
+        from ..sparsity.batchnorm import revert_bn
 
         revert_bn(model)
     if s.channels_last:  # hand back (and save) the model NCHW: the pruner's gather reads contiguous weights

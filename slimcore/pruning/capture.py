@@ -24,7 +24,6 @@ a value (``.item()``, ``nonzero``), the capture starts again computing everythin
 """
 
 import os
-import sys
 import traceback
 import weakref
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._modules import eval_mode
+from .._modules import eval_mode
+from .modules import LEAF_MODULES
 
 aten = torch.ops.aten
 _SEQUENCES = (list, tuple)
@@ -704,7 +704,6 @@ def capture(model, example_inputs, leaf_modules=(), shape_only=True):
     Raises TraceFailure naming the line of the model's code that failed."""
     import time
 
-    from .nn import LEAF_MODULES
 
     start = time.perf_counter()
     leaf_types = LEAF_MODULES + tuple(m for m in leaf_modules if isinstance(m, type))

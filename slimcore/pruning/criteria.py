@@ -1,6 +1,6 @@
 """Channel importance criteria, and unstructured magnitude pruning.
 
-A criterion gives a score to atoms of a :class:`slimcore.graph.ChannelGraph` (higher = more
+A criterion gives a score to atoms of a :class:`slimcore.pruning.graph.ChannelGraph` (higher = more
 important); the pruner scores a class of coupled channels by the **maximum** of its atoms' scores:
 a coupled channel goes only if every layer that produces or scales it finds it unimportant.
 Atoms without a score (NaN) do not count; a class with no score is kept.

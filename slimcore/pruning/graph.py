@@ -36,7 +36,6 @@ checked after the decision by running a pruned copy of the model on the meta dev
 as planned; otherwise the channels that node reads are frozen and the decision is made again.
 """
 
-import copy
 import difflib
 import math
 from collections import defaultdict
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from .capture import Ref, TraceFailure, capture
-from .nn import PLAIN_BATCHNORM, PLAIN_CONV, SELECTED_BATCHNORM, ResidualConstant
+from .modules import PLAIN_BATCHNORM, PLAIN_CONV, SELECTED_BATCHNORM, ResidualConstant
 from .profile import layer_macs
 
 __all__ = ["TraceFailure", "ChannelGraph", "ModuleChannels", "ResidualBlock", "analyze", "verify"]
@@ -125,7 +124,7 @@ class ChannelGraph:
     macs: dict = field(default_factory=dict)  # conv/linear module name -> MACs per sample (profile.py rules)
     in_shapes: dict = field(default_factory=dict)  # conv/linear module name -> its input's shape (first call)
     residual_blocks: list = field(default_factory=list)  # ResidualBlock: submodules computing x + branch(x)
-    capture: object = None  # the slimcore.capture.Capture analysed
+    capture: object = None  # the slimcore.pruning.capture.Capture analysed
     info: dict = field(default_factory=dict)  # value id -> ChannelInfo
     checks: list = field(default_factory=list)  # node indices whose sizes may be written in the code
     chunks: list = field(default_factory=list)  # node indices of chunk() calls along channels (sized by the code itself)
@@ -1033,7 +1032,7 @@ def _evaluate_at_zero(node):
 def analyze(model, example_inputs, ignore=(), leaf_modules=(), keep_outputs=None):
     """Captures ``model`` and returns its ChannelGraph. ``ignore``: module names whose channels
     stay; ``keep_outputs``: None (every output keeps its channels) or the paths of the outputs that
-    do (see slimcore.capture.tensor_paths; a path also keeps everything under it)."""
+    do (see slimcore.pruning.capture.tensor_paths; a path also keeps everything under it)."""
     leaves = (nn.Linear, *PLAIN_CONV, *leaf_modules)
     cap = capture(model, example_inputs, leaf_modules=leaves)
     if keep_outputs is not None:
@@ -1042,8 +1041,6 @@ def analyze(model, example_inputs, ignore=(), leaf_modules=(), keep_outputs=None
                 raise ValueError(f"slimcore.prune: keep_outputs names '{p}', which is not an output of the model; "
                                  f"its tensor outputs are at {', '.join(repr(q) for q in cap.output_paths)}")
     return _Rules(model, cap, set(ignore), keep_outputs).run()
-
-
 
 
 # ---------------------------------------------------------------------------------------- verify

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ._modules import eval_mode
+from .._modules import eval_mode
 
 _COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -27,13 +27,13 @@ def layer_macs(module, output_numel):
     return output_numel * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
-def _as_tuple(example_inputs):
+def as_input_tuple(example_inputs):
     return example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
 def profile_layers(model, example_inputs):
     """{module name: MACs per sample} of every conv/linear call (summed over repeated calls)."""
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     batch = inputs[0].shape[0] if inputs and torch.is_tensor(inputs[0]) and inputs[0].dim() > 0 else 1
     counts = {}
     hooks = []

@@ -32,7 +32,6 @@ which scale linearly with width (step 5 times them with the rest), and the bench
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+
+from .._io import atomic_write_text
+from .decide import round_up
 
 STEPS = (4, 8, 16, 32, 64)
 MODEL_ROUND_TO = (1, 8, 16)  # uniform roundings the whole-model check also times
@@ -103,18 +105,11 @@ class LatencyTable:
     def save(self):
         if self.path is None:
             return
-        tmp = None
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.entries, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)  # atomic: concurrent writers never leave a half-written cache
+        try:  # atomic: concurrent writers never leave a half-written cache
+            atomic_write_text(self.path, json.dumps(self.entries, indent=0, sort_keys=True))
         except OSError as exc:  # e.g. a read-only home: the timings stay in memory for this table
             warnings.warn(f"slimcore: cannot write the latency cache {self.path} ({exc}); set SLIMCORE_CACHE_DIR "
                           "to a writable directory to keep timings between runs")
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
 
     def key(self, layer, cin, cout, in_shape):
         spatial = "x".join(str(s) for s in in_shape[2:])
@@ -156,7 +151,7 @@ class LatencyTable:
                 x = torch.randn(shape, device=self.device, dtype=self.dtype)
                 inputs[shape] = x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
             runs.append((layer.instantiate(cin, cout, self.device, self.dtype, self.channels_last), inputs[shape]))
-        return _interleaved_seconds([lambda m=m, x=x: m(x) for m, x in runs], self.device, self.min_runs,
+        return interleaved_seconds([lambda m=m, x=x: m(x) for m, x in runs], self.device, self.min_runs,
                                     self.min_seconds)
 
     def time_models(self, models, example_inputs, min_runs=10, min_seconds=0.2):
@@ -178,12 +173,13 @@ class LatencyTable:
             if self.channels_last:
                 m.to(memory_format=torch.channels_last)
             fns.append(lambda m=m: m(*inputs))
-        return _interleaved_seconds(fns, self.device, min_runs, min_seconds)
+        return interleaved_seconds(fns, self.device, min_runs, min_seconds)
 
 
-def _interleaved_seconds(fns, device, min_runs, min_seconds, max_runs=200):
-    """Seconds per call of each fn: the lower quartile over interleaved rounds (interference on a
-    shared machine only adds time, and drift hits every candidate alike)."""
+def interleaved_seconds(fns, device, min_runs, min_seconds, max_runs=200, percentile=25):
+    """Seconds per call of each fn: a percentile (default the lower quartile: interference on a
+    shared machine only adds time) over interleaved rounds (drift hits every candidate alike), at
+    least ``min_runs`` rounds and ``min_seconds`` per fn, at most ``max_runs``."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = [[] for _ in fns]
     with torch.no_grad():
@@ -199,7 +195,7 @@ def _interleaved_seconds(fns, device, min_runs, min_seconds, max_runs=200):
                 fn()
                 sync()
                 ts.append(time.perf_counter() - t0)
-    return [float(np.percentile(ts, 25)) for ts in times]
+    return [float(np.percentile(ts, percentile)) for ts in times]
 
 
 @dataclass
@@ -276,7 +272,6 @@ def timed_layers(graph, classes):
 def choose_widths(classes, removed, groups, allowed, table, margin=0.05, sweeps=2):
     """Widens layers of ``groups`` ({layer id: class ids}) in ``removed`` (in place) to their
     fastest measured candidate width; returns the list of WidthChoice."""
-    from .prune import _round_up
 
     layers = timed_layers(classes.graph, classes)
     touching = {}  # layer id -> timed layers whose input or output holds its classes
@@ -294,7 +289,7 @@ def choose_widths(classes, removed, groups, allowed, table, margin=0.05, sweeps=
             continue
         spare = members[removed[members] & allowed[members]]
         spare = spare[np.argsort(-classes.score[spare], kind="stable")]  # best first, as _restore does
-        candidates = sorted({kept} | {min(kept + len(spare), _round_up(kept, m, s, n)) for s in STEPS})
+        candidates = sorted({kept} | {min(kept + len(spare), round_up(kept, m, s, n)) for s in STEPS})
         plans[lid] = (kept, n, spare, candidates)
     if not plans:
         return []

@@ -1,101 +1,24 @@
-"""Modules that slimcore puts into models.
-
-``SlimBatchNorm1d/2d``: drop-in BatchNorm1d/2d whose backward adds the sparsity penalty's
-subgradient to the gradient of gamma inside slimcore's fused BatchNorm kernels (``convert_bn`` /
-``revert_bn`` swap them in and out of a model; see :class:`SlimBatchNorm2d`).
-
-``CompensatedConv1d/2d/3d``: a conv that also adds the response of its zero-padded input to a
-constant plane: what removed input channels that carried a constant (a pruned BN channel with
-gamma ~0 emits beta) contributed. Inside the image that is a per-channel bias; at the borders the
-zero padding makes it position dependent, so the pruner stores the folded kernel
-``compensation`` (out_channels, 1, *kernel) and the forward adds conv(ones, compensation):
-exact at any input size, for 1/in_channels of the conv's cost.
-
-``ResidualConstant``: what a residual block becomes when its whole branch is pruned: x + c.
-
-``ChannelAffine``: an eval-mode BatchNorm over a selection of its input channels, with the
-activation that reads it, as one pass (``slimcore.deploy`` puts it where a BN cannot fold into a
-conv: pre-activation ResNet's ``bn1``, DenseNet's BNs on a concatenation).
-
-``SelectedBatchNorm1d/2d/3d``: a BatchNorm that first keeps a subset of its input channels
-(``x.index_select(1, selected_index)``), then normalises them. The pruner turns a selection BN
-(one reading a tensor that other layers also read, e.g. pre-activation ResNet's ``bn1`` on the
-residual stream or DenseNet's BN on a concatenation) into one when it drops some of the BN's
-output channels but must keep its input: the network-slimming reference repo's
-``channel_selection`` layer, folded into the BN so the dropped channels are never normalised.
-They are BatchNorm subclasses (``isinstance(m, nn.BatchNorm2d)`` holds, ``sparse_bn_step`` finds
-them) with the same state_dict keys plus ``selected_index``, and script, trace and export.
+"""SlimBatchNorm1d/2d: drop-in BatchNorm1d/2d whose backward adds the sparsity penalty's
+subgradient to the gradient of gamma inside slimcore's fused BatchNorm kernels. ``convert_bn`` /
+``revert_bn`` swap them in and out of a model (see :class:`SlimBatchNorm2d`).
 """
 
 import math
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from .. import ops
 from .penalties import LpNorm, Penalty
 from .penalties import get as get_penalty
 
-__all__ = ["SelectedBatchNorm1d", "SelectedBatchNorm2d", "SelectedBatchNorm3d", "CompensatedConv1d",
-           "CompensatedConv2d", "CompensatedConv3d", "ResidualConstant", "SlimBatchNorm1d",
-           "SlimBatchNorm2d", "SelectedSlimBatchNorm1d", "SelectedSlimBatchNorm2d", "convert_bn", "revert_bn",
-           "set_penalty_scale", "set_input_selection", "set_compensation", "ChannelAffine"]
-
-
-class _SelectInput:
-    """forward() of a BatchNorm over input.index_select(1, selected_index).
-
-    Written out rather than calling super().forward so that TorchScript can compile it; the
-    running-statistics logic is nn.BatchNorm's (momentum, momentum=None cumulative average,
-    track_running_stats, eval mode).
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        # No _check_input_dim: it branches on x.dim(), which torch.fx cannot trace through (this
-        # class is not an nn leaf); F.batch_norm still rejects inputs without a channel dimension.
-        x = input.index_select(1, self.selected_index)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            x,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-        )
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, selects {len(self.selected_index)} input channels"
-
-
-class SelectedBatchNorm1d(_SelectInput, nn.BatchNorm1d):
-    selected_index: Tensor
-
-
-class SelectedBatchNorm2d(_SelectInput, nn.BatchNorm2d):
-    selected_index: Tensor
-
-
-class SelectedBatchNorm3d(_SelectInput, nn.BatchNorm3d):
-    selected_index: Tensor
-
-
-# --------------------------------------------------------------------------------------------
-# SlimBatchNorm: BatchNorm with the sparsity penalty fused into its backward.
+__all__ = ["SlimBatchNorm1d", "SlimBatchNorm2d", "convert_bn", "revert_bn", "set_penalty_scale"]
 
 
 # torch.fx.symbolic_trace of a model holding a SlimBatchNorm (torch.fx only keeps torch.nn modules
 # opaque): its Python checks need concrete tensors, so they are skipped while tracing; the op itself
-# is recorded. (slimcore.graph's tracer keeps SlimBatchNorm opaque anyway.)
+# is recorded. (slimcore.pruning.graph's tracer keeps SlimBatchNorm opaque anyway.)
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
@@ -233,41 +156,21 @@ class SlimBatchNorm2d(_SlimBatchNorm, nn.BatchNorm2d):
     """
 
 
-class _SelectSlim:
-    """SlimBatchNorm over input.index_select(1, selected_index) (the pruner's selection BN)."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._normalize(input.index_select(1, self.selected_index))
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, selects {len(self.selected_index)} input channels"
-
-
-class SelectedSlimBatchNorm1d(_SelectSlim, SlimBatchNorm1d):
-    selected_index: Tensor
-
-
-class SelectedSlimBatchNorm2d(_SelectSlim, SlimBatchNorm2d):
-    selected_index: Tensor
-
-
-SELECTED_BATCHNORM = {
-    nn.BatchNorm1d: SelectedBatchNorm1d,
-    nn.BatchNorm2d: SelectedBatchNorm2d,
-    nn.BatchNorm3d: SelectedBatchNorm3d,
-    SlimBatchNorm1d: SelectedSlimBatchNorm1d,
-    SlimBatchNorm2d: SelectedSlimBatchNorm2d,
-}
-PLAIN_BATCHNORM = {v: k for k, v in SELECTED_BATCHNORM.items()}
-
 # convert_bn / revert_bn: exact types only (a user's BatchNorm subclass may do more than normalise).
-_TO_SLIM = {
-    nn.BatchNorm1d: SlimBatchNorm1d,
-    nn.BatchNorm2d: SlimBatchNorm2d,
-    SelectedBatchNorm1d: SelectedSlimBatchNorm1d,
-    SelectedBatchNorm2d: SelectedSlimBatchNorm2d,
-}
+# The pruner's selection BNs add their pair (slimcore/pruning/modules.py: register_slim_pair).
+_TO_SLIM = {nn.BatchNorm1d: SlimBatchNorm1d, nn.BatchNorm2d: SlimBatchNorm2d}
 _FROM_SLIM = {v: k for k, v in _TO_SLIM.items()}
+
+
+def register_slim_pair(plain, slim):
+    """Lets convert_bn turn ``plain`` modules into ``slim`` ones and revert_bn turn them back."""
+    _TO_SLIM[plain] = slim
+    _FROM_SLIM[slim] = plain
+
+
+def is_slim_batchnorm(module):
+    """True for every SlimBatchNorm (also the pruner's selection variants)."""
+    return isinstance(module, _SlimBatchNorm)
 
 
 def convert_bn(model, penalty="l1", lam=1e-4, *, penalty_scale=1.0):
@@ -314,149 +217,3 @@ def set_penalty_scale(model, scale):
             m.penalty_scale = scale
             count += 1
     return count
-
-
-def set_input_selection(bn, selected_index):
-    """Makes ``bn`` select ``selected_index`` of its input channels (None: read all of them), in
-    place: the module object, its parameters and hooks stay the same."""
-    base = PLAIN_BATCHNORM.get(type(bn), type(bn))
-    if selected_index is None:
-        if type(bn) in PLAIN_BATCHNORM:
-            del bn._buffers["selected_index"]
-            bn.__class__ = base
-        return bn
-    if base not in SELECTED_BATCHNORM:
-        raise TypeError(f"{type(bn).__name__} cannot select input channels (only BatchNorm1d/2d/3d can)")
-    bn.__class__ = SELECTED_BATCHNORM[base]
-    bn.register_buffer("selected_index", selected_index.to(device=bn.weight.device, dtype=torch.long))
-    return bn
-
-
-class CompensatedConv1d(nn.Conv1d):
-    compensation: Tensor
-
-    def forward(self, input: Tensor) -> Tensor:
-        ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
-        extra = F.conv1d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
-        return self._conv_forward(input, self.weight, self.bias) + extra
-
-
-class CompensatedConv2d(nn.Conv2d):
-    compensation: Tensor
-
-    def forward(self, input: Tensor) -> Tensor:
-        ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
-        extra = F.conv2d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
-        return self._conv_forward(input, self.weight, self.bias) + extra
-
-
-class CompensatedConv3d(nn.Conv3d):
-    compensation: Tensor
-
-    def forward(self, input: Tensor) -> Tensor:
-        ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
-        extra = F.conv3d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
-        return self._conv_forward(input, self.weight, self.bias) + extra
-
-
-COMPENSATED_CONV = {nn.Conv1d: CompensatedConv1d, nn.Conv2d: CompensatedConv2d, nn.Conv3d: CompensatedConv3d}
-PLAIN_CONV = {v: k for k, v in COMPENSATED_CONV.items()}
-
-
-class ResidualConstant(nn.Module):
-    """What a residual block x + branch(x) becomes when the pruner removes its whole branch: the
-    branch's output no longer depends on x (its channels were dead), so the block is x plus that
-    constant, per channel."""
-
-    constant: Tensor
-
-    def __init__(self, constant):
-        super().__init__()
-        self.register_buffer("constant", constant.detach().clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return x + self.constant.view(shape).to(x.dtype)
-
-    def extra_repr(self):
-        return f"{len(self.constant)} channels"
-
-
-class ChannelAffine(nn.Module):
-    """``act(x.index_select(1, index) * scale[c] + shift[c])``: an eval-mode BatchNorm over the
-    selected input channels (``index``; None reads them all, in order) and the activation after it
-    ("none", "relu", "relu6", "hardswish", "silu"), in one memory pass of
-    ``torch.ops.slimcore.channel_affine`` (a BN, an index_select and an activation are three).
-
-    ``portable=True`` computes the same with plain ATen ops (index_select, mul, add, activation)
-    instead: ONNX exporters and other runtimes know those, not slimcore's op. Inference only: the
-    coefficients are buffers, and the op has no backward.
-    """
-
-    index: "Tensor | None"
-    scale: Tensor
-    shift: Tensor
-
-    def __init__(self, scale, shift, index=None, activation="none", portable=False):
-        super().__init__()
-        if activation not in reference.ACTIVATIONS:
-            raise ValueError(f"ChannelAffine: unknown activation {activation!r}; expected one of "
-                             f"{', '.join(reference.ACTIVATIONS)}")
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("shift", shift.detach().clone())
-        self.register_buffer("index", None if index is None else index.detach().to(torch.long).clone())
-        self.activation = activation
-        self.portable = bool(portable)
-
-    @classmethod
-    @torch.no_grad()
-    def from_batchnorm(cls, bn, activation="none", portable=False):
-        """The eval-mode function of ``bn`` (its running statistics; a SelectedBatchNorm's
-        ``selected_index`` becomes ``index``), then ``activation``."""
-        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-            raise ValueError(f"ChannelAffine.from_batchnorm: {type(bn).__name__} has no running statistics "
-                             "(track_running_stats=False normalises with batch statistics even in eval mode)")
-        # In float64, then rounded once to the BN's dtype (float32 at least).
-        scale = bn.running_var.double().add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight.double()
-        shift = -bn.running_mean.double() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.double()
-        dtype = torch.float64 if bn.running_mean.dtype == torch.float64 else torch.float32
-        return cls(scale.to(dtype), shift.to(dtype), getattr(bn, "selected_index", None), activation, portable)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.portable:
-            y = x if self.index is None else x.index_select(1, self.index)
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            y = y.to(acc) * self.scale.to(acc).view(shape) + self.shift.to(acc).view(shape)
-            return reference.ACTIVATIONS[self.activation](y).to(x.dtype)
-        if reference.affine_memory_format(x) is None:
-            x = x.contiguous()  # sliced/transposed input: the kernels read NCHW or channels_last
-        return ops.channel_affine(x, self.index, self.scale, self.shift, self.activation)
-
-    def extra_repr(self):
-        selects = "" if self.index is None else f", selects {len(self.index)} input channels"
-        return f"{len(self.scale)} channels{selects}, activation={self.activation}" + \
-            (", portable" if self.portable else "")
-
-
-# slimcore's pruning artefacts whose channel rules are known at module level: the pruner's capture
-# records each call as one node (their ATen ops would hide what the extra buffer is for).
-LEAF_MODULES = (*PLAIN_CONV, ResidualConstant)
-
-
-def set_compensation(conv, kernel):
-    """Adds ``kernel`` (out_channels, 1, *kernel_size) to conv's border-exact compensation, turning
-    it into a CompensatedConv in place (module object, parameters and hooks unchanged)."""
-    base = PLAIN_CONV.get(type(conv), type(conv))
-    if base not in COMPENSATED_CONV or conv.padding_mode != "zeros":
-        raise TypeError(f"{type(conv).__name__} (padding_mode={conv.padding_mode!r}) takes no compensation map")
-    if type(conv) in PLAIN_CONV:
-        conv.compensation.add_(kernel.to(conv.compensation.dtype))
-        return conv
-    conv.__class__ = COMPENSATED_CONV[base]
-    conv.register_buffer("compensation", kernel.to(device=conv.weight.device, dtype=conv.weight.dtype).clone())
-    return conv

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import ops
+from .. import ops
 from .penalties import LpNorm, get as get_penalty
 
 MODES = ("subgradient", "proximal")

@@ -1,0 +1,1 @@
+"""The inference form of a slimmed model: BN folding and ``slimcore.deploy``."""
