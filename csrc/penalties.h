@@ -1,7 +1,7 @@
 // The sparsity penalties g(x) on BatchNorm scaling factors: value, subgradient and proximal operator.
 //
 // One definition of the math, shared by the CPU and CUDA kernels (every function is host+device).
-// Formulas and their verification: shared/design/penalties.md. The pure-PyTorch twin of this file is
+// Formulas and their verification: docs/penalties.md. The pure-PyTorch twin of this file is
 // slimcore/reference.py; tests compare the two and both against a brute-force argmin.
 //
 // Conventions (penalties.md §0, §8):

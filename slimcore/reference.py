@@ -2,7 +2,7 @@
 
 They are the oracle the compiled kernels are tested against and the fallback when the extension
 cannot be loaded. Each list-level function has the signature of its ``torch.ops.slimcore`` op.
-Written for clarity, not speed: elementwise formulas from shared/design/penalties.md, computed in
+Written for clarity, not speed: elementwise formulas from docs/penalties.md, computed in
 float32 (float64 for float64 inputs; TL1's prox always in float64), like the kernels.
 """
 

@@ -2,7 +2,7 @@
 
 The training objective is ``loss + lam * sum_i g(gamma_i)``. Each penalty turns ``lam`` into a
 :class:`PenaltyTerm` ``strength * g_op(x)``, where ``g_op`` is one of the kernel penalties
-(csrc/penalties.h, slimcore/reference.py). Formulas and sources: shared/design/penalties.md.
+(csrc/penalties.h, slimcore/reference.py). Formulas and sources: docs/penalties.md.
 
     L1()                 g = |x|                                  (network slimming)
     L2()                 g = x^2                                  (ridge; never gives exact zeros)

@@ -15,7 +15,7 @@ Proximal mode (exact zeros)::
 
 Each call is one fused multi-tensor kernel launch on CUDA and one parallel pass on CPU.
 
-How it interacts with the rest of the training loop (shared/design/penalties.md §7):
+How it interacts with the rest of the training loop (docs/penalties.md §7):
 
 * AMP: call it after ``scaler.unscale_(optimizer)`` in subgradient mode (else the penalty is
   divided by the loss scale), and skip the proximal step when the scaler skipped ``step()``.
