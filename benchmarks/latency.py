@@ -129,7 +129,8 @@ def prepare(model, x, args, device, dtype):
         return forward_fn(model, x), "channels_last" if args.channels_last else "contiguous"
     fmt = "channels_last" if args.channels_last else "auto"
     deployed = slimcore.deploy(model, x, device=device, dtype=dtype, memory_format=fmt,
-                               compile=args.form == "compile", portable=args.form == "onnxruntime", timing_rounds=3)
+                               compile=args.form == "compile", portable=args.form == "onnxruntime", timing_rounds=3,
+                               fuse_adds=not args.no_fuse_adds)
     chosen = deployed.deploy_report["memory_format"]
     if args.form == "onnxruntime":  # ONNX Runtime picks its own layouts
         return onnxruntime_fn(deployed, x, args.threads), "onnx"
@@ -232,6 +233,8 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true",
                         help="NHWC memory format (deploy forms: instead of picking it by measurement)")
     parser.add_argument("--compile", action="store_true", help="--form as-pruned: torch.compile every variant")
+    parser.add_argument("--no-fuse-adds", action="store_true",
+                        help="deploy forms: keep residual adds as their own ops (slimcore.deploy(fuse_adds=False))")
     parser.add_argument("--fold-bn", action="store_true",
                         help="--form as-pruned: fold BatchNorm into the preceding conv/linear")
     parser.add_argument("--round-to", default="1",
@@ -265,7 +268,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=UserWarning)
     env = environment(device)
     round_tos = [r if r == "auto" else int(r) for r in args.round_to.split(",")]
-    options = dict(form=args.form, channels_last=args.channels_last, compile=args.compile, fold_bn=args.fold_bn)
+    options = dict(form=args.form, channels_last=args.channels_last, compile=args.compile, fold_bn=args.fold_bn,
+                   fuse_adds=args.form != "as-pruned" and not args.no_fuse_adds)
     print(f"{env['device']} ({device.type}), torch {env['torch']}, threads {env['threads']}, {args.dtype}, "
           f"options {options}; latency: median ms per forward (IQR)")
     print(f"{'model':<14} {'ratio':>5} {'round':>5} {'batch':>5} {'params':>17} {'MFLOPs':>15}  {'dense ms':>15} {'slim ms':>15} "

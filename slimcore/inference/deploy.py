@@ -1,6 +1,6 @@
 """The inference form of a (slimmed or dense) model: ``slimcore.deploy``.
 
-Three rewrites of a copy of the model, each exact up to rounding:
+Four rewrites of a copy of the model, each exact up to rounding:
 
 1. Every BatchNorm that normalises a conv/linear output nothing else reads folds into that layer
    (slimcore.fold_bn): no pass of its own.
@@ -11,7 +11,11 @@ Three rewrites of a copy of the model, each exact up to rounding:
    (a BN, an index_select and a ReLU are three passes). The activation is only fused where the
    model traces with torch.fx; otherwise the BNs are replaced module by module and the
    activations stay. Identity modules left by folding are dropped from the traced graph.
-3. The memory format (NCHW or channels_last) is the faster of the two, timed on the example
+3. Every residual add of a conv's output that nothing else reads becomes one call of that conv
+   with an add post-op (slimcore.deploy_fusion.Conv2dAdd, oneDNN on the CPU), with the ReLU that
+   alone reads the sum: the adds run on the full-width residual stream slimming keeps, so
+   unfused they do not shrink with the FLOPs (traced models only).
+4. The memory format (NCHW or channels_last) is the faster of the two, timed on the example
    inputs; optionally ``torch.compile``.
 
 ``portable=True`` makes the fused modules run plain ATen ops instead of slimcore's op, so that
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._modules import parent_module
+from ..deploy_fusion import fuse_conv_adds
 from ..pruning.modules import LEAF_MODULES, SELECTED_BATCHNORM
 from ..pruning.widths import interleaved_seconds
 from .fold import fold_bn
@@ -164,7 +169,7 @@ def _model_device(model):
 
 
 def deploy(model, example_inputs, device=None, memory_format="auto", compile=False, *, portable=False,
-           dtype=None, fuse_activations=True, timing_rounds=5):
+           dtype=None, fuse_activations=True, fuse_adds=True, timing_rounds=5):
     """The inference form of ``model`` as a new module (``model`` itself is not changed).
 
     BatchNorms fold into the conv/linear before them where that is exact; every other eval-mode
@@ -185,10 +190,14 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
             slimcore's library); slightly slower in eager mode.
         dtype: cast parameters and buffers (e.g. torch.bfloat16) before timing.
         fuse_activations: False keeps every activation as its own op.
+        fuse_adds: fuse each residual add into the conv producing one of its operands
+            (slimcore.deploy_fusion.Conv2dAdd: a oneDNN conv with an add post-op on the CPU), and
+            the activation that alone reads the sum; needs a model torch.fx traces.
         timing_rounds: interleaved timing rounds per memory format for "auto".
 
     The returned module carries ``deploy_report`` (a dict): ``folded`` and ``fused`` BN names,
-    ``activations`` (fused BN name -> activation), ``traced`` (whether torch.fx traced the model;
+    ``activations`` (fused BN name -> activation), ``conv_adds`` (conv name -> activation fused after
+    the add, for the convs that took their residual add), ``traced`` (whether torch.fx traced the model;
     without it no activation is fused), ``memory_format`` and ``format_ms`` (the timings behind
     "auto"), ``compiled``.
     """
@@ -221,9 +230,10 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
     traced = graph is not None
     if traced:
         m, fused, activations = _fuse_traced(m, graph, portable, fuse_activations)
+        conv_adds = fuse_conv_adds(m, inputs, _activation_of, portable, fuse_activations) if fuse_adds else {}
     else:  # replace module by module
         m, fused = _fuse_modules(m, portable)
-        activations = {}
+        activations, conv_adds = {}, {}
 
     has_4d = any(p.dim() == 4 for p in m.parameters()) and any(
         isinstance(t, torch.Tensor) and t.dim() == 4 for t in inputs)
@@ -239,7 +249,7 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
             memory_format = "contiguous"
     elif memory_format == "channels_last":
         m = m.to(memory_format=torch.channels_last)
-    report = dict(folded=folded, fused=fused, activations=activations, traced=traced,
+    report = dict(folded=folded, fused=fused, activations=activations, conv_adds=conv_adds, traced=traced,
                   memory_format=memory_format, format_ms=format_ms, compiled=bool(compile))
     if compile:
         m = torch.compile(m)

@@ -1,0 +1,200 @@
+"""Residual adds fused into the convolution that produces one of their operands (slimcore.deploy).
+
+A residual network's adds run on its full-width residual stream, which network slimming keeps (it
+prunes inside the blocks): they do not shrink with the FLOPs, and each is a memory pass of its own
+(read two tensors, write one). oneDNN convolutions take a binary post-op: ``conv(x) + other``
+(and an activation after it) computed while the conv's output tile is still in cache, one op and
+one write instead of two ops and three passes. PyTorch exposes it on the CPU as
+``torch.ops.mkldnn._convolution_pointwise.binary`` (the op inductor's CPU fusions emit).
+
+``Conv2dAdd`` is an ``nn.Conv2d`` whose forward takes the other operand too; ``fuse_conv_adds``
+rewrites a torch.fx graph: an add of a conv's output that nothing else reads, with a tensor of the
+same shape and dtype, becomes one call of that conv (and the activation that alone reads the sum,
+if it is one of the fused ones).
+"""
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import reference
+from .nn import CompensatedConv2d
+
+__all__ = ["Conv2dAdd", "fuse_conv_adds"]
+
+# activation name -> oneDNN unary post-op after the add (torch 2.14's op takes relu alone there:
+# "Unary Fusion behavior undefined" for hardtanh, hardswish, swish, gelu, ...)
+_ONEDNN_ACTIVATIONS = {"none": None, "relu": "relu"}
+# float32 alone: torch 2.14's op sends bfloat16 with add + relu to an add_relu kernel that lacks it
+_ONEDNN_DTYPES = (torch.float32,)
+
+
+def _onednn_available():
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class Conv2dAdd(nn.Conv2d):
+    """``act(conv2d(input) + other)``: a Conv2d (same parameters, same state_dict keys) whose
+    forward also takes the tensor its output is added to, and the activation after the sum
+    ("none" or "relu").
+
+    On the CPU in float32 it runs as one oneDNN convolution with an add post-op; elsewhere, with
+    ``portable=True`` (plain ATen ops for ONNX export), under torch.compile / torch.export
+    tracing, when autograd records the inputs' graph, or when ``other`` does not match the conv's output, as conv2d, add and activation. Both
+    compute the same up to rounding. The fused op has no backward: gradients for the weights
+    need the model before deploy (or ``portable=True``).
+    """
+
+    def __init__(self, *args, activation="none", portable=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if activation not in _ONEDNN_ACTIVATIONS:
+            raise ValueError(f"Conv2dAdd: unknown activation {activation!r}; expected one of "
+                             f"{', '.join(_ONEDNN_ACTIVATIONS)}")
+        self.activation = activation
+        self.portable = bool(portable)
+        # a CompensatedConv2d's border term (slimcore.nn): None for a plain conv
+        self.register_buffer("compensation", None)
+
+    @classmethod
+    def from_conv(cls, conv, activation="none", portable=False):
+        """A Conv2dAdd sharing ``conv``'s weight and bias (the same Parameter objects) and, for a
+        CompensatedConv2d, its compensation buffer."""
+        if type(conv) not in (nn.Conv2d, CompensatedConv2d) or conv.padding_mode != "zeros":
+            raise TypeError(f"Conv2dAdd.from_conv: expected an nn.Conv2d or CompensatedConv2d with zero padding, "
+                            f"got {type(conv).__name__} (padding_mode={conv.padding_mode!r})")
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device="meta", activation=activation, portable=portable)
+        fused.weight = conv.weight
+        fused.bias = conv.bias
+        fused.compensation = getattr(conv, "compensation", None)
+        fused.train(conv.training)
+        return fused
+
+    def _onednn_applies(self, x, other):
+        # torch.compile and torch.export trace plain ops: torch 2.14 has no fake kernel for the fused
+        # op (inductor fuses conv + add itself after tracing).
+        return (not self.portable and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _ONEDNN_DTYPES
+                and other.dtype == x.dtype and other.device == x.device and self.weight.dtype == x.dtype
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad))
+                and _onednn_available()
+                and other.shape == self._output_shape(x))
+
+    def _output_shape(self, x):
+        size = [x.shape[0], self.out_channels]
+        for i in range(2):
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            size.append((x.shape[2 + i] + 2 * self.padding[i] - span) // self.stride[i] + 1)
+        return torch.Size(size)
+
+    def forward(self, input, other):
+        if self.compensation is not None:
+            # The border term (1, C, H', W') goes into the other operand: one pass instead of the
+            # CompensatedConv2d's add of it to the conv output and the residual add after that.
+            ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
+            other = other + F.conv2d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
+        if self._onednn_applies(input, other):
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                input, other, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation),
+                self.groups, "add", None, _ONEDNN_ACTIVATIONS[self.activation], [], None)
+        return reference.ACTIVATIONS[self.activation](self._conv_forward(input, self.weight, self.bias) + other)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", adds its second input, activation={self.activation}" + \
+            (", portable" if self.portable else "")
+
+
+def _add_operands(node):
+    """(a, b, in_place) if ``node`` computes a + b of two fx nodes (no alpha), else None."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        in_place = False
+    elif node.op == "call_function" and node.target is operator.iadd:
+        in_place = True
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        in_place = node.target == "add_"
+    else:
+        return None
+    a, b = node.args
+    if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+        return None
+    return a, b, in_place
+
+
+def _tensor_meta(node):
+    meta = node.meta.get("tensor_meta")
+    return meta if hasattr(meta, "shape") else None  # tuples/lists of outputs have no single shape
+
+
+def fuse_conv_adds(gm, example_inputs, activation_of, portable=False, fuse_activations=True):
+    """Rewrites ``gm`` (a torch.fx GraphModule, in place): each add of a Conv2d's output that
+    nothing else reads, with another tensor of the conv output's shape and dtype (from running
+    ``example_inputs`` through the graph), becomes one call of a :class:`Conv2dAdd` that replaces
+    that conv; the activation that alone reads the sum is fused too when ``activation_of(user,
+    modules, source)`` names it. Returns {conv name: activation} of the fused convs.
+
+    Left as they are: convs called more than once, convs of other types (1-D/3-D, subclasses
+    other than slimcore's CompensatedConv2d) or with another padding mode, conv outputs read by anything besides the add, in-place adds
+    that write into the other operand (``other += conv(x)``: later readers of ``other`` see the
+    sum), broadcasting adds.
+    """
+    modules = dict(gm.named_modules())
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception:  # a graph that does not run on the example inputs is left unfused
+        return {}
+    fused = {}
+    for node in list(gm.graph.nodes):
+        operands = _add_operands(node)
+        if operands is None:
+            continue
+        a, b, in_place = operands
+        for conv_node, other in ((a, b), (b, a)):
+            if in_place and conv_node is not a:
+                continue  # the add writes into ``other``: an out-of-place fused op would not
+            if conv_node.op != "call_module" or conv_node is other or len(conv_node.users) != 1 \
+                    or len(conv_node.args) != 1 or conv_node.kwargs:
+                continue
+            conv = modules.get(conv_node.target)
+            if type(conv) not in (nn.Conv2d, CompensatedConv2d) or calls[conv_node.target] != 1 \
+                    or conv.padding_mode != "zeros":
+                continue
+            out_meta, other_meta, sum_meta = _tensor_meta(conv_node), _tensor_meta(other), _tensor_meta(node)
+            if out_meta is None or other_meta is None or sum_meta is None or len(out_meta.shape) != 4:
+                continue
+            if out_meta.shape != other_meta.shape or out_meta.dtype != other_meta.dtype or sum_meta.shape != out_meta.shape:
+                continue
+            act, user = "none", None
+            if fuse_activations and len(node.users) == 1:
+                user = next(iter(node.users))
+                act = activation_of(user, modules, node) or "none"
+                if act not in _ONEDNN_ACTIVATIONS:
+                    act = "none"
+            gm.add_submodule(conv_node.target, Conv2dAdd.from_conv(conv, act, portable))
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_module(conv_node.target, (conv_node.args[0], other))
+            call.meta = dict(node.meta)
+            last = node
+            if act != "none":
+                last = user
+            last.replace_all_uses_with(call)
+            if last is not node:
+                gm.graph.erase_node(last)
+            gm.graph.erase_node(node)
+            gm.graph.erase_node(conv_node)
+            fused[conv_node.target] = act
+            break
+    gm.graph.lint()
+    gm.recompile()
+    return fused
