@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import reference
-from .nn import CompensatedConv2d
+from .nn import ChannelAffine, CompensatedConv2d
 
 __all__ = ["Conv2dAdd", "fuse_conv_adds"]
 
@@ -44,23 +44,29 @@ class Conv2dAdd(nn.Conv2d):
 
     On the CPU in float32 it runs as one oneDNN convolution with an add post-op; elsewhere, with
     ``portable=True`` (plain ATen ops for ONNX export), under torch.compile / torch.export
-    tracing, when autograd records the inputs' graph, or when ``other`` does not match the conv's output, as conv2d, add and activation. Both
-    compute the same up to rounding. The fused op has no backward: gradients for the weights
-    need the model before deploy (or ``portable=True``).
+    tracing, when autograd records the inputs' graph, or when ``other`` does not match the conv's
+    output, as conv2d, add and activation. Both compute the same up to rounding.
+
+    ``writes_into_other=True`` lets the fused op write its result into ``other`` (for an ``other``
+    nothing reads afterwards, see fuse_conv_adds): no allocation, where a fresh multi-megabyte
+    output page-faults on every call (glibc hands freed large blocks back to the system), which
+    costs more than the add itself. The fused op has no backward: gradients for the weights need
+    the model before deploy (or ``portable=True``).
     """
 
-    def __init__(self, *args, activation="none", portable=False, **kwargs):
+    def __init__(self, *args, activation="none", portable=False, writes_into_other=False, **kwargs):
         super().__init__(*args, **kwargs)
         if activation not in _ONEDNN_ACTIVATIONS:
             raise ValueError(f"Conv2dAdd: unknown activation {activation!r}; expected one of "
                              f"{', '.join(_ONEDNN_ACTIVATIONS)}")
         self.activation = activation
         self.portable = bool(portable)
+        self.writes_into_other = bool(writes_into_other)
         # a CompensatedConv2d's border term (slimcore.nn): None for a plain conv
         self.register_buffer("compensation", None)
 
     @classmethod
-    def from_conv(cls, conv, activation="none", portable=False):
+    def from_conv(cls, conv, activation="none", portable=False, writes_into_other=False):
         """A Conv2dAdd sharing ``conv``'s weight and bias (the same Parameter objects) and, for a
         CompensatedConv2d, its compensation buffer."""
         if type(conv) not in (nn.Conv2d, CompensatedConv2d) or conv.padding_mode != "zeros":
@@ -68,7 +74,8 @@ class Conv2dAdd(nn.Conv2d):
                             f"got {type(conv).__name__} (padding_mode={conv.padding_mode!r})")
         fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                    padding_mode=conv.padding_mode, device="meta", activation=activation, portable=portable)
+                    padding_mode=conv.padding_mode, device="meta", activation=activation, portable=portable,
+                    writes_into_other=writes_into_other)
         fused.weight = conv.weight
         fused.bias = conv.bias
         fused.compensation = getattr(conv, "compensation", None)
@@ -99,14 +106,16 @@ class Conv2dAdd(nn.Conv2d):
             ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
             other = other + F.conv2d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
         if self._onednn_applies(input, other):
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                input, other, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation),
-                self.groups, "add", None, _ONEDNN_ACTIVATIONS[self.activation], [], None)
+            args = (self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    "add", None, _ONEDNN_ACTIVATIONS[self.activation], [], None)
+            if self.writes_into_other:  # no new tensor: a fresh one costs page faults on every call
+                return torch.ops.mkldnn._convolution_pointwise_.binary(other, input, *args)
+            return torch.ops.mkldnn._convolution_pointwise.binary(input, other, *args)
         return reference.ACTIVATIONS[self.activation](self._conv_forward(input, self.weight, self.bias) + other)
 
     def extra_repr(self):
         return super().extra_repr() + f", adds its second input, activation={self.activation}" + \
-            (", portable" if self.portable else "")
+            (", writes into it" if self.writes_into_other else "") + (", portable" if self.portable else "")
 
 
 def _add_operands(node):
@@ -132,17 +141,40 @@ def _tensor_meta(node):
     return meta if hasattr(meta, "shape") else None  # tuples/lists of outputs have no single shape
 
 
+# Modules whose output is a new tensor (no view or in-place result of an input): a tensor they
+# produce may be overwritten once its last reader has run, and a tensor they read is not aliased
+# by what they return.
+_FRESH_OUTPUT = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, ChannelAffine)
+
+
+def _fresh_module_call(node, modules):
+    return node.op == "call_module" and isinstance(modules.get(node.target), _FRESH_OUTPUT)
+
+
+def _writable_after(other, reader, order, modules):
+    """Whether ``reader`` may overwrite the tensor of node ``other``: a new tensor (from a module
+    of _FRESH_OUTPUT or an out-of-place add) whose every other reader runs before ``reader`` and
+    makes a new tensor of it (no view that a later node could read through)."""
+    fresh = _fresh_module_call(other, modules) or (
+        other.op == "call_function" and other.target in (operator.add, torch.add))
+    if not fresh:
+        return False
+    return all(u is reader or (order[u] < order[reader] and _fresh_module_call(u, modules)) for u in other.users)
+
+
 def fuse_conv_adds(gm, example_inputs, activation_of, portable=False, fuse_activations=True):
     """Rewrites ``gm`` (a torch.fx GraphModule, in place): each add of a Conv2d's output that
     nothing else reads, with another tensor of the conv output's shape and dtype (from running
     ``example_inputs`` through the graph), becomes one call of a :class:`Conv2dAdd` that replaces
     that conv; the activation that alone reads the sum is fused too when ``activation_of(user,
-    modules, source)`` names it. Returns {conv name: activation} of the fused convs.
+    modules, source)`` names it and it is a ReLU. Where the other operand is a new tensor nothing
+    reads after the add (a residual stream's previous sum, a shortcut conv's output), the fused
+    conv writes its result into it. Returns {conv name: activation} of the fused convs.
 
     Left as they are: convs called more than once, convs of other types (1-D/3-D, subclasses
-    other than slimcore's CompensatedConv2d) or with another padding mode, conv outputs read by anything besides the add, in-place adds
-    that write into the other operand (``other += conv(x)``: later readers of ``other`` see the
-    sum), broadcasting adds.
+    other than slimcore's CompensatedConv2d) or with another padding mode, conv outputs read by
+    anything besides the add, in-place adds that write into the other operand (``other.add_(conv(x))``:
+    later readers of ``other`` see the sum), broadcasting adds.
     """
     modules = dict(gm.named_modules())
     calls = {}
@@ -181,7 +213,11 @@ def fuse_conv_adds(gm, example_inputs, activation_of, portable=False, fuse_activ
                 act = activation_of(user, modules, node) or "none"
                 if act not in _ONEDNN_ACTIVATIONS:
                     act = "none"
-            gm.add_submodule(conv_node.target, Conv2dAdd.from_conv(conv, act, portable))
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            into_other = conv_node.args[0] is not other and _writable_after(other, node, order, modules)
+            replacement = Conv2dAdd.from_conv(conv, act, portable, writes_into_other=into_other)
+            gm.add_submodule(conv_node.target, replacement)
+            modules[conv_node.target] = replacement
             with gm.graph.inserting_before(node):
                 call = gm.graph.call_module(conv_node.target, (conv_node.args[0], other))
             call.meta = dict(node.meta)

@@ -16,7 +16,7 @@ from slimcore.deploy_fusion import Conv2dAdd
 from slimcore.nn import CompensatedConv2d, set_compensation
 
 ONEDNN = torch.backends.mkldnn.is_available()
-FUSED_OP_NAME = "mkldnn::_convolution_pointwise"
+FUSED_OP_NAMES = ("mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_")
 ACTIVATIONS = {"none": lambda y: y, "relu": torch.relu}
 
 
@@ -62,6 +62,23 @@ def test_conv2d_add_equals_conv_add_activation(case, activation, memory_format):
         assert fused._onednn_applies(x, other) == ONEDNN
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.shape == want.shape
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_conv2d_add_writing_into_other(memory_format, activation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).eval()
+    fused = Conv2dAdd.from_conv(conv, activation, writes_into_other=True).to(memory_format=memory_format)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=memory_format)
+    for other_format in (torch.contiguous_format, torch.channels_last):
+        other = torch.randn(2, 16, 6, 6).contiguous(memory_format=other_format)
+        with torch.no_grad():
+            want = ACTIVATIONS[activation](conv(x) + other)
+            got = fused(x, other)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if ONEDNN:
+            assert got.data_ptr() == other.data_ptr()  # the result is where other was
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
@@ -165,8 +182,10 @@ def test_deployed_residual_network_fuses_its_adds_and_computes_the_pruned_model(
     if memory_format == "channels_last":
         assert got.dim() == 2  # logits; the convs ran on channels_last weights
         assert fused[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # the residual stream's sums are new tensors nothing reads after the next add: written in place
+    assert sum(m.writes_into_other for m in fused) >= len(fused) // 2
     if ONEDNN:
-        assert sum(op == FUSED_OP_NAME for op in profiled_ops(deployed, x)) == len(fused)
+        assert sum(op in FUSED_OP_NAMES for op in profiled_ops(deployed, x)) == len(fused)
     # torch.export traces the plain ops (the fused op has no fake kernel) and computes the same
     program = torch.export.export(deployed, (x,))
     assert not any("mkldnn" in str(n.target) for n in program.graph.nodes)
@@ -226,6 +245,48 @@ class Unfusable(nn.Module):
         flat = self.one_d(x.flatten(2)) + x.flatten(2)
         x = flat.view_as(x) + self.fusable(x)
         return x.sum() + b.sum()
+
+
+class Streams(nn.Module):
+    """Adds whose other operand may or may not be overwritten by the fused conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(8, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.e = nn.Conv2d(8, 8, 1)
+        self.p = nn.Conv2d(8, 8, 1)  # reads each operand before its add
+        self.a2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        s = self.a(self.p(s)) + s  # the stem's output, read before by p alone: may be overwritten
+        t = self.b(self.p(s)) + s  # s is read after this add (below): must stay
+        t = t + s.mean((2, 3), keepdim=True)
+        v = s.flatten(2)  # a view of s, read after the next add: must stay
+        u = self.c(self.p(t)) + s
+        w = self.d(self.p(u)) + x  # the model's input: never overwritten
+        y = self.e(self.p(w)) + w  # d's output, read before by p alone: may be overwritten
+        z = self.a2(s) + s  # a conv reading the tensor it is added to: must not write into it
+        return y.sum() + v.sum() + u.sum() + z.sum()
+
+
+def test_fused_conv_writes_only_into_tensors_nothing_reads_afterwards():
+    torch.manual_seed(0)
+    model = Streams().eval()
+    x = torch.randn(2, 8, 6, 6)
+    deployed = slimcore.deploy(model, x, memory_format="contiguous")
+    names = ("a", "b", "c", "d", "e", "a2")
+    assert set(deployed.deploy_report["conv_adds"]) == set(names)
+    written = {name for name in names if getattr(deployed, name).writes_into_other}
+    assert written == {"a", "e"}
+    before = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-4)
+    assert torch.equal(x, before)
 
 
 def test_adds_that_are_not_fusable_stay():
