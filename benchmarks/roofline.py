@@ -38,6 +38,9 @@ from _common import RESULTS, environment, warn_if_reference, write_json  # noqa:
 from latency import build  # noqa: E402
 
 
+COMPUTE_LAYERS = ("Conv2d", "Conv2dAdd", "CompensatedConv2d", "Linear")
+
+
 def _nbytes(t):
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
@@ -145,15 +148,21 @@ def main(argv=None):
                 d["gbs"] = d["bytes"] / d["ms"] / 1e6 if d["ms"] else 0.0
         summary = {}
         for k in ("dense", "slim"):
+            compute = [r for r in rows if r["type"] in COMPUTE_LAYERS]
             summary[k] = dict(
                 total_ms=statistics.median(totals[k]) * 1e3,
                 layers_ms=sum(r[k]["ms"] for r in rows),
-                flops=sum(r[k]["flops"] for r in rows if r["type"] in ("Conv2d", "Conv2dAdd", "Linear",
-                                                                       "CompensatedConv2d")),
+                compute_ms=sum(r[k]["ms"] for r in compute),
+                flops=sum(r[k]["flops"] for r in compute),
                 roofline_ms=sum(r[k]["roofline_ms"] for r in rows),
                 bytes=sum(r[k]["bytes"] for r in rows),
                 memory_bound_ms=sum(r[k]["ms"] for r in rows if r[k]["bound"] == "memory"),
             )
+        for v in summary.values():
+            v["compute_gflops"] = v["flops"] / v["compute_ms"] / 1e6
+            v["other_ms"] = v["total_ms"] - v["compute_ms"]  # non-conv layers, functional ops, Python
+        # the slimmed model if its convs and linears ran at the dense ones' FLOP rate
+        at_dense_rate_ms = summary["slim"]["flops"] / summary["dense"]["compute_gflops"] / 1e6 + summary["slim"]["other_ms"]
         flops_x = summary["dense"]["flops"] / summary["slim"]["flops"]
         measured_x = summary["dense"]["total_ms"] / summary["slim"]["total_ms"]
         roof_x = summary["dense"]["roofline_ms"] / summary["slim"]["roofline_ms"]
@@ -178,11 +187,17 @@ def main(argv=None):
               f"{bytes_x:.2f}x less; roofline {summary['dense']['roofline_ms']:.1f} -> "
               f"{summary['slim']['roofline_ms']:.1f} ms ({roof_x:.2f}x, realised {roof_x / flops_x:.2f}); "
               f"memory-bound layers {summary['dense']['memory_bound_ms']:.1f} / {summary['slim']['memory_bound_ms']:.1f} ms")
+        d, s_ = summary["dense"], summary["slim"]
+        print(f"convs + linears: {d['compute_ms']:.1f} -> {s_['compute_ms']:.1f} ms at {d['compute_gflops']:.0f} -> "
+              f"{s_['compute_gflops']:.0f} GFLOP/s; the rest {d['other_ms']:.1f} -> {s_['other_ms']:.1f} ms; slimmed convs at "
+              f"the dense FLOP rate: {at_dense_rate_ms:.1f} ms ({d['total_ms'] / at_dense_rate_ms:.2f}x, realised "
+              f"{d['total_ms'] / at_dense_rate_ms / flops_x:.2f})")
         results.append(dict(model=name, ratio=args.ratio, batch_size=args.batch_size, round_to=int(args.round_to),
                             memory_formats={k: m.deploy_report["memory_format"] for k, m in deployed.items()},
                             peak_gflops=peak_flops / 1e9, peak_gbs=peak_bw / 1e9, summary=summary,
                             speedup=measured_x, flops_speedup=flops_x, realised_fraction=measured_x / flops_x,
-                            roofline_speedup=roof_x, roofline_realised_fraction=roof_x / flops_x, layers=rows))
+                            roofline_speedup=roof_x, roofline_realised_fraction=roof_x / flops_x,
+                            slim_ms_at_dense_flop_rate=at_dense_rate_ms, layers=rows))
         for c in clocks.values():
             for h in c.handles:
                 h.remove()
