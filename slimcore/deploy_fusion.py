@@ -9,8 +9,8 @@ one write instead of two ops and three passes. PyTorch exposes it on the CPU as
 
 ``Conv2dAdd`` is an ``nn.Conv2d`` whose forward takes the other operand too; ``fuse_conv_adds``
 rewrites a torch.fx graph: an add of a conv's output that nothing else reads, with a tensor of the
-same shape and dtype, becomes one call of that conv (and the activation that alone reads the sum,
-if it is one of the fused ones).
+same shape and dtype, becomes one call of that conv (and the ReLU that alone reads the sum); where
+nothing reads the other operand afterwards, the conv writes the sum into it (no new tensor).
 """
 
 import operator
