@@ -1,4 +1,4 @@
-"""Residual adds fused into their producing conv (slimcore/deploy_fusion.py, slimcore.deploy's
+"""Residual adds fused into their producing conv (slimcore/inference/deploy_fusion.py, slimcore.deploy's
 fuse_adds): Conv2dAdd against conv2d + add + activation, the deployed residual networks against
 the pruned models in both memory formats, the oneDNN op actually in the graph (and absent from the
 portable form), and the adds that must stay as they are."""
@@ -12,7 +12,7 @@ from torch import nn
 
 import slimcore
 import slimcore.models as seed_models
-from slimcore.deploy_fusion import Conv2dAdd
+from slimcore.inference.deploy_fusion import Conv2dAdd
 from slimcore.nn import CompensatedConv2d, set_compensation
 
 ONEDNN = torch.backends.mkldnn.is_available()

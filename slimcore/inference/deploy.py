@@ -12,8 +12,8 @@ Four rewrites of a copy of the model, each exact up to rounding:
    model traces with torch.fx; otherwise the BNs are replaced module by module and the
    activations stay. Identity modules left by folding are dropped from the traced graph.
 3. Every residual add of a conv's output that nothing else reads becomes one call of that conv
-   with an add post-op (slimcore.deploy_fusion.Conv2dAdd, oneDNN on the CPU), with the ReLU that
-   alone reads the sum: the adds run on the full-width residual stream slimming keeps, so
+   with an add post-op (inference/deploy_fusion.py's Conv2dAdd, oneDNN on the CPU), with the ReLU
+   that alone reads the sum: the adds run on the full-width residual stream slimming keeps, so
    unfused they do not shrink with the FLOPs (traced models only).
 4. The memory format (NCHW or channels_last) is the faster of the two, timed on the example
    inputs; optionally ``torch.compile``.
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._modules import parent_module
-from ..deploy_fusion import fuse_conv_adds
 from ..pruning.modules import LEAF_MODULES, SELECTED_BATCHNORM
 from ..pruning.widths import interleaved_seconds
+from .deploy_fusion import fuse_conv_adds
 from .fold import fold_bn
 from .modules import ChannelAffine
 
@@ -191,13 +191,13 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
         dtype: cast parameters and buffers (e.g. torch.bfloat16) before timing.
         fuse_activations: False keeps every activation as its own op.
         fuse_adds: fuse each residual add into the conv producing one of its operands
-            (slimcore.deploy_fusion.Conv2dAdd: a oneDNN conv with an add post-op on the CPU), and
-            the activation that alone reads the sum; needs a model torch.fx traces.
+            (slimcore.inference.deploy_fusion.Conv2dAdd: a oneDNN conv with an add post-op on the
+            CPU), and the ReLU that alone reads the sum; needs a model torch.fx traces.
         timing_rounds: interleaved timing rounds per memory format for "auto".
 
     The returned module carries ``deploy_report`` (a dict): ``folded`` and ``fused`` BN names,
-    ``activations`` (fused BN name -> activation), ``conv_adds`` (conv name -> activation fused after
-    the add, for the convs that took their residual add), ``traced`` (whether torch.fx traced the model;
+    ``activations`` (fused BN name -> activation), ``conv_adds`` (conv name -> activation fused
+    after the add, for the convs that took their residual add), ``traced`` (whether torch.fx traced the model;
     without it no activation is fused), ``memory_format`` and ``format_ms`` (the timings behind
     "auto"), ``compiled``.
     """

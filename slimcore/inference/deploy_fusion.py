@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import reference
-from .nn import ChannelAffine, CompensatedConv2d
+from .. import reference
+from ..pruning.modules import CompensatedConv2d
+from .modules import ChannelAffine
 
 __all__ = ["Conv2dAdd", "fuse_conv_adds"]
 
@@ -62,7 +63,7 @@ class Conv2dAdd(nn.Conv2d):
         self.activation = activation
         self.portable = bool(portable)
         self.writes_into_other = bool(writes_into_other)
-        # a CompensatedConv2d's border term (slimcore.nn): None for a plain conv
+        # a CompensatedConv2d's border term (slimcore/pruning/modules.py): None for a plain conv
         self.register_buffer("compensation", None)
 
     @classmethod
