@@ -100,7 +100,7 @@ def test_drawn_gammas_make_the_global_threshold_remove_the_share():
 
 
 def test_latency_from_a_run_directory(tmp_path):
-    from slimcore import cli
+    from slimcore.pipeline import cli
     from slimcore.pipeline.train import load_model
 
     run = tmp_path / "run"

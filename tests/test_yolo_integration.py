@@ -535,7 +535,7 @@ def test_synthetic_set_is_deterministic_and_labelled(tmp_path):
 
 
 def test_cli_yolo_end_to_end(tmp_path, capsys):
-    from slimcore import cli
+    from slimcore.pipeline import cli
 
     out = tmp_path / "run"
     rc = cli.main(["yolo", "--model", "yolov8n.yaml", "--data", "synthetic", "--synthetic-train", "16",
@@ -563,7 +563,7 @@ def test_cli_yolo_end_to_end(tmp_path, capsys):
 
 
 def test_cli_yolo_errors_are_one_line(tmp_path, data, capsys):
-    from slimcore import cli
+    from slimcore.pipeline import cli
 
     def run(*argv):
         rc = cli.main(["yolo", *map(str, argv)])
