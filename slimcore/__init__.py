@@ -21,6 +21,7 @@ from .pruning.criteria import FilterHistory, magnitude_prune
 from .pruning.profile import profile
 from .pruning.prune import prune
 from .pruning.report import PruneReport
+from .pruning.latency_select import prune_for_latency
 from .pruning.search import ratio_for_channels, ratio_for_flops, ratio_for_latency
 from .pruning.widths import LatencyTable
 from .sparsity import penalties
@@ -52,6 +53,7 @@ __all__ = [
     "ratio_for_channels",
     "ratio_for_flops",
     "ratio_for_latency",
+    "prune_for_latency",
     "LatencyTable",
     "PruneReport",
     "save_pruned",

@@ -33,6 +33,7 @@ import time
 from .. import models
 from .._io import CheckpointError
 from ..pruning.criteria import CRITERIA
+from ..pruning.latency_select import SELECTIONS
 from ..pruning.options import SCOPES
 from ..sparsity.penalties import NAMES as PENALTY_NAMES
 from . import data as data_mod
@@ -204,6 +205,10 @@ def parser():
                    help="instead of --ratio: run in at most this fraction of the dense model's latency, measured "
                         "on --device at --latency-batch in slimcore.deploy's form (comma-separated: several); "
                         "found by timing pruned copies. Stages: prune-<criterion>-latency<f>")
+    p.add_argument("--selection", default="threshold", choices=SELECTIONS,
+                   help="with --latency: which channels go. threshold: the global threshold at the ratio that "
+                        "meets the budget; latency: by importance per unit of measured per-layer latency "
+                        "(slimcore.prune_for_latency). Stages: prune-<criterion>-latency<f>-aware")
     p.add_argument("--name", default=None,
                    help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
                         "prune-<criterion>-flops<f>, -channels<s> or -latency<f>; one ratio only). `finetune --stage NAME` fine-tunes it")
@@ -371,6 +376,8 @@ def cmd_prune(args):
                                   ("--latency", args.latency)) if v is not None]
     if len(given) > 1:
         raise CLIError(f"give one of --ratio, --flops, --channels and --latency, not {' and '.join(given)}")
+    if args.selection != "threshold" and args.latency is None:
+        raise CLIError(f"--selection {args.selection} chooses channels for a latency budget: give --latency with it")
     searches = {"flops": None, "channels": None, "latency": None}
     for key in searches:
         if getattr(args, key) is not None:
@@ -387,7 +394,8 @@ def cmd_prune(args):
         raise CLIError(f"--name {args.name!r} would overwrite another stage: choose a new directory name")
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
                            args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
-                           args.compensate, args.max_layer_ratio, args.latency_batch, flops=f, channels=c, latency=t)
+                           args.compensate, args.max_layer_ratio, args.latency_batch, flops=f, channels=c, latency=t,
+                           selection=args.selection)
                for r, f, c, t in zip(ratios, searches["flops"], searches["channels"], searches["latency"])]
     _print_prune_table(results)
     return results

@@ -14,6 +14,7 @@ from ..inference.deploy import deploy_fn
 from ..pruning.checkpoint import save_pruned
 from ..pruning.profile import profile
 from ..pruning.prune import prune
+from ..pruning.latency_select import prune_for_latency
 from ..pruning.search import ratio_for_channels, ratio_for_flops, ratio_for_latency
 from ..pruning.widths import LatencyTable
 from . import data as data_mod
@@ -91,12 +92,14 @@ def filter_history(model, source_dir):
 
 def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
                 device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64,
-                flops=None, channels=None, latency=None):
+                flops=None, channels=None, latency=None, selection="threshold"):
     """Prunes source_dir/model.pt at one ratio (or, with ``flops``, at the ratio that keeps that
     fraction of the FLOPs; with ``channels``, at the ratio that removes that share of the scored
     channels; with ``latency``, at the ratio whose BN-folded model runs in that fraction of the
     dense one's measured time) into out_dir (default run/prune-<ratio>, or
-    run/prune-<criterion>-{flops,channels,latency}<f>); returns its report. Under torchrun, rank 0
+    run/prune-<criterion>-{flops,channels,latency}<f>); returns its report. With ``latency`` and
+    ``selection="latency"``, slimcore.prune_for_latency chooses the channels instead of the
+    threshold (stage prune-<criterion>-latency<f>-aware; its "ratio" is the share of channels removed). Under torchrun, rank 0
     prunes and the others read its report."""
     rank, world = distributed()
     if flops is not None:
@@ -104,7 +107,7 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
     elif channels is not None:
         default_name = f"prune-{criterion}-channels{channels:g}"
     elif latency is not None:
-        default_name = f"prune-{criterion}-latency{latency:g}"
+        default_name = f"prune-{criterion}-latency{latency:g}" + ("-aware" if selection == "latency" else "")
     else:
         default_name = f"prune-{ratio_name(ratio)}"
     out_dir = out_dir or os.path.join(run, default_name)
@@ -129,8 +132,14 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
                    compensate=compensate, max_layer_ratio=max_layer_ratio, latency_table=table,
                    history=filter_history(model, source_dir) if criterion == "hbfp" else None)
     model.eval()
+    aware = latency is not None and selection == "latency"
     try:
-        if flops is not None:
+        if aware:  # prunes in place, at the selection that meets the measured budget
+            search = {k: v for k, v in options.items() if k != "latency_table"}
+            report = prune_for_latency(model, x, latency, latency_table=table or LatencyTable(dev, batch=latency_batch),
+                                       deploy=deploy_fn(x, memory_format="contiguous"), **search)
+            ratio = report.channels_removed_share  # no threshold ratio: the share it removed, where plots read one
+        elif flops is not None:
             ratio = ratio_for_flops(model, x, flops, **options)
         elif channels is not None:
             ratio = ratio_for_channels(model, x, channels, **options)
@@ -143,7 +152,8 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
     # At a searched ratio the whole-model latency check (round_to="auto") stays off, as in the
     # search: a uniform round_to it might choose would put channels back and miss the target.
     searched = flops is not None or channels is not None or latency is not None
-    report = prune(model, x, ratio=ratio, check_latency=not searched, **options)
+    if not aware:
+        report = prune(model, x, ratio=ratio, check_latency=not searched, **options)
     acc_after, _ = evaluate(model, test_loader, dev)
     os.makedirs(out_dir, exist_ok=True)
     save_pruned(model, os.path.join(out_dir, "model.pt"), meta=meta | {"pruned_from": source, "ratio": ratio})
@@ -158,7 +168,8 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
               "channels": {k: list(v) for k, v in report.channels.items()}, "notes": report.notes,
               "seconds": report.seconds, "compensate": compensate, "compensated_layers": len(report.compensated),
               "compensation_max_error": report.compensation_max_error, "max_layer_ratio": max_layer_ratio,
-              "collapsed": report.collapsed, "widths": report.widths, "latency_check": report.latency_check}
+              "collapsed": report.collapsed, "widths": report.widths, "latency_check": report.latency_check,
+              "selection": report.selection if latency is not None else None, "latency": report.latency}
     write_json(os.path.join(out_dir, "report.json"), result)
     if world > 1:
         torch.distributed.barrier()

@@ -106,7 +106,7 @@ def _down_selections(classes, mask):
         mask[classes.sel_class[newly]] = True
 
 
-def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, blocks=(), widen=None):
+def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, blocks=(), widen=None, select=None):
     """Boolean array: class removed. Returns (removed, threshold, collapsed block names).
 
     ``widen(removed, layers, allowed)`` (round_to="auto": slimcore.pruning.widths) may put back removed
@@ -115,10 +115,16 @@ def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, b
     ``blocks``: [(name, internal class ids)] of residual blocks that may collapse: if the
     threshold empties any layer inside a block's branch, the whole branch goes (the block becomes
     x + constant) instead of min_channels keeping a sliver of it.
+
+    ``select(classes, blocks, round_to, min_channels, max_layer_ratio)`` (slimcore.prune_for_latency)
+    replaces the ratio's threshold: it returns the removed mask, and everything after the threshold
+    here (collapsed blocks, min_channels, max_layer_ratio, selections) applies to it alike.
     """
     removed = np.zeros(classes.n, dtype=bool)
     threshold = None
-    if scope == "global":
+    if select is not None:
+        removed = select(classes, blocks, 1 if round_to == "auto" else round_to, min_channels, max_layer_ratio)
+    elif scope == "global":
         removed, threshold = _global_removal(classes, ratio)
     else:
         for members in classes.layers(classes.candidate).values():

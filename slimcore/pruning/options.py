@@ -57,6 +57,7 @@ class PruneOptions:
     deploy: Callable | None = None
     check_compensation: bool = False
     keep_outputs: Any = True
+    select: Callable | None = None  # slimcore.prune_for_latency's hook (decide's ``select``)
 
     def __post_init__(self):
         if not (is_real(self.ratio) and 0.0 <= self.ratio < 1.0):
@@ -73,6 +74,8 @@ class PruneOptions:
             raise ValueError(f"slimcore.prune: min_channels must be an integer >= 1, got {self.min_channels!r}")
         if not (is_real(self.max_layer_ratio) and 0.0 < self.max_layer_ratio <= 1.0):
             raise ValueError(f"slimcore.prune: max_layer_ratio must be in (0, 1], got {self.max_layer_ratio!r}")
+        if self.select is not None and (round_to == "auto" or not callable(self.select)):
+            raise ValueError("slimcore.prune: select must be a function, and does not combine with round_to='auto'")
         normalised = dict(ratio=float(self.ratio), max_layer_ratio=float(self.max_layer_ratio),
                           round_to=round_to if round_to == "auto" else int(round_to),
                           min_channels=int(self.min_channels), leaf_modules=leaf_module_types(self.leaf_modules))

@@ -110,7 +110,7 @@ def _without_cyclic_gc(fn):
 def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
           ignore=(), optimizer=None, *, compensate=True, max_layer_ratio=1.0, collapse_blocks=True, dry_run=False,
           history=None, seed=0, leaf_modules=(), device=None, latency_table=None, check_latency=True,
-          deploy=None, check_compensation=False, keep_outputs=True):
+          deploy=None, check_compensation=False, keep_outputs=True, select=None):
     """Removes channels from ``model`` in place and returns a :class:`PruneReport`.
 
     Args:
@@ -173,13 +173,16 @@ def prune(model, example_inputs, ratio=0.5, criterion="bn_scale", scope="global"
             model's deviation from it (``report.compensation_max_error``; ``None`` when not measured).
             The derivation falls back to the measured run by itself where it cannot tell a constant
             (zero-padded averages, ops it cannot evaluate).
+        select: the hook slimcore.prune_for_latency uses: a function choosing the removed channel
+            classes instead of ``ratio``'s threshold (see ``slimcore.pruning.decide.decide``);
+            ``ratio`` and ``scope`` are then unused. Not with round_to="auto".
     """
     options = PruneOptions(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
                            min_channels=min_channels, ignore=ignore, compensate=compensate,
                            max_layer_ratio=max_layer_ratio, collapse_blocks=collapse_blocks, history=history, seed=seed,
                            leaf_modules=leaf_modules, device=device, latency_table=latency_table,
                            check_latency=check_latency, deploy=deploy, check_compensation=check_compensation,
-                           keep_outputs=keep_outputs)
+                           keep_outputs=keep_outputs, select=select)
     return prune_with_options(model, example_inputs, options, optimizer, dry_run)
 
 
@@ -221,6 +224,7 @@ def prune_with_options(model, example_inputs, o, optimizer=None, dry_run=False):
         compensation_max_error=max_error, compensation_mean_error=mean_error, collapsed=collapsed, starved=starved,
         widths=[c.as_dict() for c in width_choices], latency_check=latency_check,
         channels_removed_share=removed_share(classes, removed), prunable=_prunable(graph, classes),
+        selection="threshold" if o.select is None else "latency",
     )
 
 
@@ -235,7 +239,8 @@ def _decide(model, inputs, classes, blocks, o, dry_run):
             width_choices.extend(choose_widths(classes, removed, layers, allowed, table))
     else:
         widen = None
-    decision = decide(classes, o.ratio, o.scope, o.round_to, o.min_channels, o.max_layer_ratio, blocks, widen)
+    decision = decide(classes, o.ratio, o.scope, o.round_to, o.min_channels, o.max_layer_ratio, blocks, widen,
+                      o.select)
     latency_check = None
     if o.round_to == "auto" and o.check_latency and not dry_run:
         widened = any(c.chosen != c.asked for c in width_choices)
@@ -258,7 +263,7 @@ def _fit_sizes(model, inputs, graph, classes, blocks, decision, o):
             classes = ChannelClasses(graph, scores)
             return classes, collapsible_blocks(graph, classes, o.compensate) if o.collapse_blocks else []
         return decide(classes, o.ratio, o.scope, 1 if o.round_to == "auto" else o.round_to, o.min_channels,
-                      o.max_layer_ratio, blocks, None)
+                      o.max_layer_ratio, blocks, None, o.select)
 
     return fit_sizes(model, inputs, graph, classes, blocks, decision, redecide)
 

@@ -48,6 +48,11 @@ class PruneReport:
     prunable: dict = field(default_factory=dict)
     # Conv/linear layers left with only min_channels: the criterion would have emptied them.
     starved: list = field(default_factory=list)
+    # Which decision chose the channels: "threshold" (ratio's global or per-layer threshold) or
+    # "latency" (slimcore.prune_for_latency's latency-aware selection, which also fills ``latency``:
+    # the measured and estimated latency fractions of the result).
+    selection: str = "threshold"
+    latency: dict = None
 
     @property
     def prunable_share(self):
@@ -86,5 +91,11 @@ class PruneReport:
             times = ", ".join(f"{k if k == 'auto' else 'round_to=' + k} {v:.3f}" for k, v in c["ms"].items())
             chosen = "the per-layer widths" if c["chosen"] == "auto" else f"round_to={c['chosen']}'s widths"
             lines.append(f"  whole model (ms): {times}; using {chosen}")
+        if self.selection == "latency":
+            lines.append("  channels chosen by latency-aware selection (slimcore.prune_for_latency)")
+        if self.latency:
+            c = self.latency
+            lines.append(f"  latency: {c['measured_fraction']:.3f} of the dense model's as measured "
+                         f"({c['pruned_ms']:.3f} / {c['dense_ms']:.3f} ms; target {c['target']:g})")
         lines += [f"  note: {n}" for n in self.notes[:10]]
         return "\n".join(lines)
