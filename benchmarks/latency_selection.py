@@ -132,7 +132,7 @@ def main(argv=None):
     rows = []
     for budget in budgets:
         row = {"budget": budget}
-        stages = {}
+        stage_dirs = {}
         for selection in ("threshold", "latency"):
             torch.set_num_threads(args.threads)  # the searches time at this thread count
             start = time.perf_counter()
@@ -140,7 +140,7 @@ def main(argv=None):
                                   latency=budget, selection=selection, max_layer_ratio=args.max_layer_ratio,
                                   out_dir=os.path.join(run, f"{tag}-{selection}-{budget:g}"))
             stage = os.path.join(run, f"{tag}-{selection}-{budget:g}")
-            stages[selection] = stage
+            stage_dirs[selection] = stage
             model, _ = load_model(os.path.join(stage, "model.pt"))
             row[selection] = {"search_seconds": time.perf_counter() - start, "ratio": rep["ratio"],
                               "channels_removed_share": rep["channels_removed_share"],
@@ -154,7 +154,7 @@ def main(argv=None):
         # One interleaved run of dense and both pruned models, repeated: equal latency is checked here.
         torch.set_num_threads(args.threads)
         table = slimcore.LatencyTable("cpu", batch=args.batch, persist=False)
-        models = [dense_model] + [load_model(os.path.join(stages[s], "model.pt"))[0] for s in ("threshold", "latency")]
+        models = [dense_model] + [load_model(os.path.join(stage_dirs[s], "model.pt"))[0] for s in ("threshold", "latency")]
         deployed = [deploy(copy.deepcopy(m).eval()) for m in models]
         runs = [table.time_models(deployed, (x,), min_runs=30, min_seconds=1.0) for _ in range(args.repeats)]
         ms = [statistics.median(r[i] for r in runs) * 1e3 for i in range(3)]
@@ -164,7 +164,7 @@ def main(argv=None):
             row[selection]["latency_fraction"] = ms[i] / ms[0]
             row[selection]["fractions_per_run"] = [r[i] / r[0] for r in runs]
         for selection in ("threshold", "latency"):
-            accs = [finetuned_accuracy(run, stages[selection], os.path.join(stages[selection] + f"-ft-seed{seed}"),
+            accs = [finetuned_accuracy(run, stage_dirs[selection], os.path.join(stage_dirs[selection] + f"-ft-seed{seed}"),
                                        args.finetune_epochs, args.finetune_steps, args.finetune_lr, seed,
                                        args.train_threads)
                     for seed in seeds]

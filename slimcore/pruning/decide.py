@@ -96,7 +96,7 @@ def _restore(classes, removed, groups, round_to, min_channels, allowed, max_laye
         removed[back] = False
 
 
-def _down_selections(classes, mask):
+def down_selections(classes, mask):
     """Grows a class mask (in place, and returns it) along selection edges: a selection class
     whose input class is in the mask joins it, to a fixed point (selections can chain)."""
     while True:
@@ -149,11 +149,11 @@ def decide(classes, ratio, scope, round_to, min_channels, max_layer_ratio=1.0, b
         widen(removed, classes.layers(base), classes.candidate)
     # A selection channel goes when its input channel goes (to a fixed point: selections can chain).
     before = removed.copy()
-    _down_selections(classes, removed)
+    down_selections(classes, removed)
     forced = removed & ~before
     # Selection layers keep min_channels too; never by putting back a channel that reads (through
     # any chain of selections) a channel of a collapsed block.
-    reads_collapsed = _down_selections(classes, protected.copy())
+    reads_collapsed = down_selections(classes, protected.copy())
     _restore(classes, removed, classes.layers(classes.is_selection & ~protected), round_to, min_channels,
              classes.candidate & ~forced & ~reads_collapsed, max_layer_ratio)
     # A selection channel put back may read an input channel the threshold removed (both were

@@ -36,10 +36,10 @@ import math
 
 import numpy as np
 
-from .decide import _down_selections
+from .decide import down_selections
 from .profile import as_input_tuple
 from .prune import default_latency_table, deployed_with, prune, pruned_copy
-from .search import _check_search, ratio_for_latency, smallest_ratio
+from .search import check_search, ratio_for_latency, smallest_ratio
 from .widths import STEPS, LatencyTable, timed_layers
 
 SELECTIONS = ("latency", "threshold")
@@ -169,7 +169,7 @@ class _Path:
         if self.has_selections:
             mask = removed.copy()
             mask[ids] = True
-            _down_selections(c, mask)
+            down_selections(c, mask)
             ids = np.flatnonzero(mask & ~removed)
         delta = {}
         for cid in ids.tolist():
@@ -352,7 +352,7 @@ def prune_for_latency(model, example_inputs, latency_fraction, *, selection="lat
     for key in ("check_latency", "select"):
         if key in prune_kwargs:
             raise ValueError(f"slimcore.{fn}: {key!r} is not an option here")
-    options = _check_search(fn, latency_fraction, "latency_fraction", resolution, prune_kwargs)
+    options = check_search(fn, latency_fraction, "latency_fraction", resolution, prune_kwargs)
     if selection == "latency":
         if prune_kwargs.get("round_to") == "auto":
             raise ValueError(f"slimcore.{fn}: round_to='auto' does not combine with selection='latency' (the "

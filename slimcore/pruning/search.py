@@ -41,7 +41,7 @@ def dry_measure(model, example_inputs, quantity, options):
     return measure
 
 
-def _check_search(fn, target, target_name, resolution, prune_kwargs):
+def check_search(fn, target, target_name, resolution, prune_kwargs):
     if not (is_real(target) and 0.0 < target <= 1.0):
         raise ValueError(f"slimcore.{fn}: {target_name} must be in (0, 1], got {target!r}")
     if not (is_real(resolution) and not is_integer(resolution) and 0.0 < resolution < 0.1):
@@ -92,7 +92,7 @@ def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **pr
     ``check_latency=False`` at the ratio found (the check may choose a uniform round_to that puts
     channels back).
     """
-    options = _check_search("ratio_for_flops", flops_fraction, "flops_fraction", resolution, prune_kwargs)
+    options = check_search("ratio_for_flops", flops_fraction, "flops_fraction", resolution, prune_kwargs)
     flops_fraction, resolution = float(flops_fraction), float(resolution)
     kept = dry_measure(model, example_inputs, "flops_kept", options)
     ratio = smallest_ratio(lambda r: kept(r) <= flops_fraction, resolution)
@@ -117,7 +117,7 @@ def ratio_for_channels(model, example_inputs, share, resolution=1e-4, **prune_kw
     ``max_layer_ratio`` < ``share`` on every layer, for instance). As in ratio_for_flops, with
     round_to="auto" prune with ``check_latency=False`` at the ratio found.
     """
-    options = _check_search("ratio_for_channels", share, "share", resolution, prune_kwargs)
+    options = check_search("ratio_for_channels", share, "share", resolution, prune_kwargs)
     share, resolution = float(share), float(resolution)
     removed = dry_measure(model, example_inputs, "channels_removed", options)
     ratio = smallest_ratio(lambda r: removed(r) >= share, resolution)
@@ -147,7 +147,7 @@ def ratio_for_latency(model, example_inputs, latency_fraction, resolution=0.01, 
     if "check_latency" in prune_kwargs:
         raise ValueError("slimcore.ratio_for_latency: 'check_latency' is not an option here (the copies are timed "
                          "as pruned)")
-    options = _check_search("ratio_for_latency", latency_fraction, "latency_fraction", resolution, prune_kwargs)
+    options = check_search("ratio_for_latency", latency_fraction, "latency_fraction", resolution, prune_kwargs)
     fraction, resolution = float(latency_fraction), float(resolution)
     inputs = as_input_tuple(example_inputs)
     table = latency_table if latency_table is not None else default_latency_table(model, inputs, options.device)
