@@ -59,7 +59,7 @@ def test_conv2d_add_equals_conv_add_activation(case, activation, memory_format):
         other = torch.randn_like(want_conv)
         want = ACTIVATIONS[activation](want_conv + other)
         got = fused(x, other)
-        assert fused._onednn_applies(x, other) == ONEDNN
+        assert fused.uses_onednn(x, other) == ONEDNN
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.shape == want.shape
 
@@ -107,7 +107,7 @@ def test_conv2d_add_bfloat16_runs_the_plain_ops():
     fused = Conv2dAdd.from_conv(conv, "relu").to(torch.bfloat16)  # (conv's parameters too: shared)
     with torch.no_grad():
         got = fused(x.bfloat16(), other.bfloat16())
-        assert not fused._onednn_applies(x.bfloat16(), other.bfloat16())
+        assert not fused.uses_onednn(x.bfloat16(), other.bfloat16())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
 
@@ -120,7 +120,7 @@ def test_conv2d_add_falls_back_where_onednn_does_not_apply():
     # a broadcasting operand: the plain ops broadcast it, as the add did
     row = torch.randn(1, 6, 1, 5)
     with torch.no_grad():
-        assert not fused._onednn_applies(x, row)
+        assert not fused.uses_onednn(x, row)
         torch.testing.assert_close(fused(x, row), torch.relu(conv(x) + row))
     # autograd recording (oneDNN's fused op has no backward): plain ops, gradients flow
     other = torch.randn(2, 6, 5, 5, requires_grad=True)
@@ -132,7 +132,7 @@ def test_conv2d_add_falls_back_where_onednn_does_not_apply():
     fused64 = Conv2dAdd.from_conv(nn.Conv2d(4, 6, 1).double())
     x64, o64 = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 6, 5, 5, dtype=torch.float64)
     with torch.no_grad():
-        assert not fused64._onednn_applies(x64, o64)
+        assert not fused64.uses_onednn(x64, o64)
         torch.testing.assert_close(fused64(x64, o64), F.conv2d(x64, fused64.weight, fused64.bias) + o64)
 
 

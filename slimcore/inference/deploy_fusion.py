@@ -83,10 +83,12 @@ class Conv2dAdd(nn.Conv2d):
         fused.train(conv.training)
         return fused
 
-    def _onednn_applies(self, x, other):
+    def uses_onednn(self, x, other):
+        """Whether forward(x, other) runs as the one fused oneDNN op (else conv, add, activation)."""
         # torch.compile and torch.export trace plain ops: torch 2.14 has no fake kernel for the fused
         # op (inductor fuses conv + add itself after tracing).
-        return (not self.portable and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _ONEDNN_DTYPES
+        return (not self.portable and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype in _ONEDNN_DTYPES
                 and other.dtype == x.dtype and other.device == x.device and self.weight.dtype == x.dtype
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad))
@@ -106,7 +108,7 @@ class Conv2dAdd(nn.Conv2d):
             # CompensatedConv2d's add of it to the conv output and the residual add after that.
             ones = torch.ones((1, 1) + input.shape[2:], dtype=input.dtype, device=input.device)
             other = other + F.conv2d(ones, self.compensation, None, self.stride, self.padding, self.dilation)
-        if self._onednn_applies(input, other):
+        if self.uses_onednn(input, other):
             args = (self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
                     "add", None, _ONEDNN_ACTIVATIONS[self.activation], [], None)
             if self.writes_into_other:  # no new tensor: a fresh one costs page faults on every call
