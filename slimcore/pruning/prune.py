@@ -1,10 +1,12 @@
-"""Structured channel pruning: ``slimcore.prune`` and ``PruneReport``, ``save_pruned`` / ``load_pruned``.
+"""``slimcore.prune``: the phases of a prune, in order.
 
 How a prune works: graph.py finds the classes of channels that must go together; criteria.py
-scores them; this module decides which classes go (a global threshold or per layer, then
-``min_channels`` and ``round_to`` per layer), then rebuilds every affected module in place with
-the ``channel_gather_`` kernel: weights, biases, BN parameters and buffers, gradients and the
-optimizer's state are compacted in their own storage, and Parameter objects keep their identity.
+scores them; decide.py picks which classes go (a global threshold or per layer, then
+``min_channels`` and ``round_to`` per layer); sizes.py keeps the sizes the model's code computes
+right; apply.py rebuilds every affected module in place with the ``channel_gather_`` kernel
+(weights, biases, BN parameters and buffers, gradients and the optimizer's state are compacted in
+their own storage, and Parameter objects keep their identity), after compensate.py has folded the
+removed channels' constants into their consumers.
 
 The contract, checked by the tests: the pruned model computes exactly what the dense model
 computes when the channels listed in ``PruneReport.removed`` are zeroed at the outputs of the
@@ -37,7 +39,7 @@ from .sizes import chunk_attribute_fixes, fit_sizes, head_width_fixes
 from .widths import MODEL_MARGIN, MODEL_ROUND_TO, LatencyTable, choose_widths
 
 
-# ---------------------------------------------------------------------------------------- decision
+# ---------------------------------------------------------------------------------------- analysis
 
 
 def _module_names(model, items):
