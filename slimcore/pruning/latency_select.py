@@ -39,7 +39,7 @@ import numpy as np
 from .decide import down_selections
 from .profile import as_input_tuple
 from .prune import default_latency_table, deployed_with, prune, pruned_copy
-from .search import check_search, ratio_for_latency, smallest_ratio
+from .search import check_search, measured_fraction, ratio_for_latency, smallest_ratio
 from .widths import STEPS, LatencyTable, timed_layers
 
 SELECTIONS = ("latency", "threshold")
@@ -370,17 +370,10 @@ def prune_for_latency(model, example_inputs, latency_fraction, *, selection="lat
             final["latency_table"] = table
     else:
         prune(model, inputs, ratio=0.0, dry_run=True, **prune_kwargs)  # checks every option before any timing
-        dense = deployed_with(copy.deepcopy(model).eval(), deploy, fn)
         chooser = LatencySelection(table)
-        measured = {}
-
-        def relative(r):  # r: the share of the dense estimate the selection removes
-            if r not in measured:
-                variant = pruned_copy(model, inputs, options, ratio=0.0, select=chooser.at(1.0 - r))
-                variant = deployed_with(variant.eval(), deploy, fn)
-                dense_s, pruned_s = table.time_models([dense, variant], inputs)
-                measured[r] = pruned_s / dense_s
-            return measured[r]
+        # r: the share of the dense estimate the selection removes
+        relative = measured_fraction(model, inputs, table, deploy, fn,
+                                     lambda r: pruned_copy(model, inputs, options, ratio=0.0, select=chooser.at(1.0 - r)))
 
         r = smallest_ratio(lambda r: relative(r) <= fraction, resolution)
         if r is None:

@@ -75,6 +75,22 @@ def smallest_ratio(reached, resolution, grid=20):
     return hi
 
 
+def measured_fraction(model, inputs, table, deploy, fn, variant_at):
+    """A function of a search parameter ``p``: the measured latency of the pruned copy
+    ``variant_at(p)`` as a fraction of the dense model's, both in the form ``deploy`` makes of them
+    and timed together in one interleaved run of ``table``; each ``p`` is timed once."""
+    dense = deployed_with(copy.deepcopy(model).eval(), deploy, fn)
+    measured = {}
+
+    def relative(p):
+        if p not in measured:
+            variant = deployed_with(variant_at(p).eval(), deploy, fn)
+            dense_s, pruned_s = table.time_models([dense, variant], inputs)
+            measured[p] = pruned_s / dense_s
+        return measured[p]
+    return relative
+
+
 def ratio_for_flops(model, example_inputs, flops_fraction, resolution=1e-4, **prune_kwargs):
     """The smallest prune ratio at which ``prune(model, example_inputs, ratio, **prune_kwargs)``
     leaves at most ``flops_fraction`` of the model's FLOPs (multiply-accumulates, as in
@@ -154,17 +170,8 @@ def ratio_for_latency(model, example_inputs, latency_fraction, resolution=0.01, 
     if options.round_to == "auto" and isinstance(table, LatencyTable):
         options = options.replace(latency_table=table)  # the widths timed where the model is
     prune_with_options(model, inputs, options.replace(ratio=0.0), dry_run=True)  # checks every option before timing
-    dense = deployed_with(copy.deepcopy(model).eval(), deploy, "ratio_for_latency")
-    measured = {}
-
-    def relative(ratio):
-        if ratio not in measured:
-            variant = pruned_copy(model, inputs, options, ratio=ratio, check_latency=False)
-            variant = deployed_with(variant.eval(), deploy, "ratio_for_latency")
-            dense_s, pruned_s = table.time_models([dense, variant], inputs)
-            measured[ratio] = pruned_s / dense_s
-        return measured[ratio]
-
+    relative = measured_fraction(model, inputs, table, deploy, "ratio_for_latency",
+                                 lambda ratio: pruned_copy(model, inputs, options, ratio=ratio, check_latency=False))
     ratio = smallest_ratio(lambda r: relative(r) <= fraction, resolution)
     if ratio is None:
         raise ValueError(f"slimcore.ratio_for_latency: no ratio runs in {fraction:g} of the dense latency; at ratio "
