@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -82,6 +83,15 @@ def warn_if_reference():
     if not info["extension_loaded"]:
         print(f"WARNING: slimcore's compiled ops are not loaded ({info['load_error']}); timing the reference")
     return info
+
+
+def start_cpu_run(threads):
+    """A CPU benchmark's start: ``threads`` (default: every core), UserWarnings off, a warning
+    when the compiled ops are not loaded; returns the environment record for the results."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warn_if_reference()
+    return environment(torch.device("cpu"))
 
 
 def git_commit():

@@ -12,14 +12,13 @@ import copy
 import os
 import sys
 import time
-import warnings
 
 import torch
 
 import slimcore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, interleaved, warn_if_reference, write_json  # noqa: E402
+from _common import RESULTS, interleaved, start_cpu_run, write_json  # noqa: E402
 from latency import build  # noqa: E402
 
 
@@ -34,10 +33,7 @@ def main(argv=None):
     parser.add_argument("--round-seconds", type=float, default=0.3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warn_if_reference()
-    env = environment(torch.device("cpu"))
+    env = start_cpu_run(args.threads)
     print(f"{env['device']}, torch {env['torch']}, threads {env['threads']}, {args.memory_format}; "
           "median ms per forward (IQR), interleaved")
     records = []

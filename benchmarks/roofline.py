@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 from torch import nn
@@ -34,7 +33,7 @@ from torch import nn
 import slimcore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, warn_if_reference, write_json  # noqa: E402
+from _common import RESULTS, start_cpu_run, write_json  # noqa: E402
 from latency import build  # noqa: E402
 
 
@@ -103,10 +102,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=12, help="layers printed per model (by dense time)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warn_if_reference()
-    env = environment(torch.device("cpu"))
+    env = start_cpu_run(args.threads)
     results = []
     for name in args.models.split(","):
         dense, shape = build(name)

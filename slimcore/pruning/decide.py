@@ -75,9 +75,20 @@ def _global_removal(classes, ratio):
     return removed, float(classes.score[order[k]]) if k < len(order) else math.inf
 
 
+def round_step(round_to, multiplicity):
+    """Kept class counts of a layer are multiples of this (a class holds ``multiplicity`` channels)."""
+    return round_to // math.gcd(round_to, int(multiplicity))
+
+
 def round_up(k, multiplicity, round_to, n):
-    step = round_to // math.gcd(round_to, int(multiplicity))
+    step = round_step(round_to, multiplicity)
     return min(n, -(-k // step) * step)
+
+
+def layer_floor(n, multiplicity, min_channels, max_layer_ratio):
+    """The fewest of a layer's ``n`` classes that may stay: min_channels (in channels) and
+    max_layer_ratio (the most that may go) both hold."""
+    return max(min(n, -(-min_channels // multiplicity)), n - int(math.floor(max_layer_ratio * n)))
 
 
 def _restore(classes, removed, groups, round_to, min_channels, allowed, max_layer_ratio=1.0):
@@ -87,8 +98,7 @@ def _restore(classes, removed, groups, round_to, min_channels, allowed, max_laye
         m = int(classes.multiplicity[members[0]])
         n = len(members)
         kept = int((~removed[members]).sum())
-        need = max(kept, min(n, -(-min_channels // m)), n - int(math.floor(max_layer_ratio * n)))
-        need = round_up(need, m, round_to, n)
+        need = round_up(max(kept, layer_floor(n, m, min_channels, max_layer_ratio)), m, round_to, n)
         if need <= kept:
             continue
         back = members[removed[members] & allowed[members]]

@@ -36,7 +36,7 @@ import math
 
 import numpy as np
 
-from .decide import down_selections
+from .decide import down_selections, layer_floor, round_step
 from .profile import as_input_tuple
 from .prune import default_latency_table, deployed_with, prune, pruned_copy
 from .search import check_search, measured_fraction, ratio_for_latency, smallest_ratio
@@ -128,12 +128,12 @@ class _Path:
         for mask in (~c.is_selection, c.is_selection):
             for lid, members in c.layers(mask).items():
                 m, n = int(c.multiplicity[members[0]]), len(members)
-                need = max(min(n, -(-min_channels // m)), n - int(math.floor(max_layer_ratio * n)))
+                need = layer_floor(n, m, min_channels, max_layer_ratio)
                 movable = members[c.candidate[members]]
                 movable = movable[np.argsort(c.score[movable], kind="stable")]
                 limit = min(len(movable), n - need)  # most classes of the layer removed at once
                 if limit > 0:
-                    step = round_to // math.gcd(round_to, m)
+                    step = round_step(round_to, m)
                     out[(bool(c.is_selection[members[0]]), lid)] = dict(order=movable, members=members, n=n, m=m,
                                                                         limit=limit, step=step)
         return out
@@ -152,7 +152,7 @@ class _Path:
             return done, []
         targets = {first}
         for s in STEPS:
-            cls_step = max(1, s // math.gcd(s, m))
+            cls_step = round_step(s, m)
             k = ((kept - 1) // cls_step) * cls_step  # the next multiple of s channels below the current width
             if done < n - k <= limit and valid(k):
                 targets.add(n - k)
