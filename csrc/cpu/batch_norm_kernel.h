@@ -137,44 +137,23 @@ inline void span_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n, acc
 // a horizontal reduction per run, as an `omp simd` loop per run has, costs as much as a short run
 // itself (measured on 64-value bfloat16 runs: statistics 3x slower than ATen's).
 #ifdef SLIMCORE_BN_TARGET  // the AVX2 and AVX-512 copies (ymm: AVX-512's zmm would gain little here)
-#define SLIMCORE_BN_VEC_BYTES 32
+#define SLIMCORE_VEC_BYTES 32
 #else
-#define SLIMCORE_BN_VEC_BYTES 16  // baseline x86-64 (SSE2) and other CPUs
+#define SLIMCORE_VEC_BYTES 16  // baseline x86-64 (SSE2) and other CPUs
 #endif
-template <typename acc_t>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES)));
-};
-template <typename acc_t>
-using vec_t = typename VecOf<acc_t>::type;
-template <typename acc_t>
-constexpr int64_t kVecWidth = SLIMCORE_BN_VEC_BYTES / sizeof(acc_t);
-
-// kVecWidth values from p, converted to acc_t (GCC turns the loop into one vector load/convert)
-template <typename scalar_t, typename acc_t>
-inline vec_t<acc_t> vec_load(const scalar_t* p) {
-  vec_t<acc_t> v;
-  for (int64_t l = 0; l < kVecWidth<acc_t>; ++l) v[l] = static_cast<acc_t>(p[l]);
-  return v;
-}
+#include "vector_io.h"
 
 template <typename acc_t>
 inline acc_t vec_total(vec_t<acc_t> v) {
   acc_t s = 0;
-  for (int64_t l = 0; l < kVecWidth<acc_t>; ++l) s += v[l];
+  for (int64_t l = 0; l < kLanes<acc_t>; ++l) s += v[l];
   return s;
 }
 
 // Applies f(vector offset i) over [0, n) in vector steps (two independent chains) and g(i) to the tail.
 template <typename acc_t, typename VecStep, typename TailStep>
 inline void run_steps(int64_t n, VecStep f, TailStep g) {
-  constexpr int64_t L = kVecWidth<acc_t>;
+  constexpr int64_t L = kLanes<acc_t>;
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) f(i, 0), f(i + L, 1);
   for (; i + L <= n; i += L) f(i, 0);
@@ -234,32 +213,6 @@ inline void runs_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t k, int
   sdy += static_cast<double>(vec_total<acc_t>(a[0] + a[1]) + ta);
   sdyx += static_cast<double>(vec_total<acc_t>(b[0] + b[1]) + tb);
 }
-
-// kVecWidth values to p, converted from acc_t
-template <typename scalar_t, typename acc_t>
-inline void vec_store(scalar_t* p, vec_t<acc_t> v) {
-  for (int64_t l = 0; l < kVecWidth<acc_t>; ++l) p[l] = static_cast<scalar_t>(v[l]);
-}
-
-// bfloat16: c10's round-to-nearest-even (NaN -> 0x7fc0) on whole vectors; GCC scalarises the
-// generic loop above (a NaN test per lane).
-template <>
-inline void vec_store<c10::BFloat16, float>(c10::BFloat16* p, vec_t<float> v) {
-  typedef uint32_t u32v __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES)));
-  typedef uint16_t u16v __attribute__((vector_size(SLIMCORE_BN_VEC_BYTES / 2)));
-  u32v u;
-  std::memcpy(&u, &v, sizeof(u));
-  u32v r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  r = (v != v) ? u32v{} + 0x7fc0u : r;
-  const u16v h = __builtin_convertvector(r, u16v);
-  std::memcpy(p, &h, sizeof(h));
-}
-
-// Types whose vector loads and stores GCC compiles to a few instructions (Half's conversions are
-// bit manipulations: the plain loops vectorise them better).
-template <typename scalar_t>
-constexpr bool kVectorIO = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
-                           std::is_same_v<scalar_t, c10::BFloat16>;
 
 // y = (x - m) * k + c over [0, n)   (forward: k = gamma * invstd, c = beta)
 template <typename scalar_t, typename acc_t>
@@ -819,4 +772,4 @@ void backward(const BNShape& s, const at::Tensor& grad_out, const at::Tensor& in
 }  // namespace SLIMCORE_BN_ISA
 }  // namespace slimcore
 
-#undef SLIMCORE_BN_VEC_BYTES
+#undef SLIMCORE_VEC_BYTES

@@ -38,9 +38,9 @@
 #define SLIMCORE_AFFINE_PRAGMA(x) _Pragma(#x)
 #define SLIMCORE_AFFINE_TARGET_PRAGMA(t) SLIMCORE_AFFINE_PRAGMA(GCC target(t))
 SLIMCORE_AFFINE_TARGET_PRAGMA(SLIMCORE_AFFINE_TARGET)
-#define SLIMCORE_AFFINE_VEC_BYTES 32
+#define SLIMCORE_VEC_BYTES 32
 #else
-#define SLIMCORE_AFFINE_VEC_BYTES 16  // baseline x86-64 (SSE2) and other CPUs
+#define SLIMCORE_VEC_BYTES 16  // baseline x86-64 (SSE2) and other CPUs
 #endif
 
 namespace slimcore {
@@ -56,45 +56,7 @@ constexpr int64_t kShortRun = 4;
 // or 64 channels costs as much in per-row overhead as in arithmetic).
 constexpr int64_t kRowSweep = 1024;
 
-template <typename acc_t>
-struct VecOf {
-  typedef acc_t type __attribute__((vector_size(SLIMCORE_AFFINE_VEC_BYTES)));
-};
-template <typename acc_t>
-using vec_t = typename VecOf<acc_t>::type;
-template <typename acc_t>
-constexpr int64_t kLanes = SLIMCORE_AFFINE_VEC_BYTES / sizeof(acc_t);
-
-// float16's conversions are bit manipulations that the plain loops vectorise better.
-template <typename scalar_t>
-constexpr bool kVectorIO = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
-                           std::is_same_v<scalar_t, c10::BFloat16>;
-
-template <typename scalar_t, typename acc_t>
-inline vec_t<acc_t> vec_load(const scalar_t* p) {
-  vec_t<acc_t> v;
-  for (int64_t l = 0; l < kLanes<acc_t>; ++l) v[l] = static_cast<acc_t>(p[l]);
-  return v;
-}
-
-template <typename scalar_t, typename acc_t>
-inline void vec_store(scalar_t* p, vec_t<acc_t> v) {
-  for (int64_t l = 0; l < kLanes<acc_t>; ++l) p[l] = static_cast<scalar_t>(v[l]);
-}
-
-// bfloat16: c10's round-to-nearest-even (NaN -> 0x7fc0) on whole vectors (the generic loop would
-// test each lane for NaN separately).
-template <>
-inline void vec_store<c10::BFloat16, float>(c10::BFloat16* p, vec_t<float> v) {
-  typedef uint32_t u32v __attribute__((vector_size(SLIMCORE_AFFINE_VEC_BYTES)));
-  typedef uint16_t u16v __attribute__((vector_size(SLIMCORE_AFFINE_VEC_BYTES / 2)));
-  u32v u;
-  std::memcpy(&u, &v, sizeof(u));
-  u32v r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  r = (v != v) ? u32v{} + 0x7fc0u : r;
-  const u16v h = __builtin_convertvector(r, u16v);
-  std::memcpy(p, &h, sizeof(h));
-}
+#include "vector_io.h"
 
 // The activation on a whole vector: the formulas of channel_affine_math.h, lane-wise.
 template <Activation A, typename acc_t>
@@ -273,4 +235,4 @@ void channel_affine(const AffineArgs& a, const at::Tensor& input, const int64_t*
 }  // namespace SLIMCORE_AFFINE_ISA
 }  // namespace slimcore
 
-#undef SLIMCORE_AFFINE_VEC_BYTES
+#undef SLIMCORE_VEC_BYTES
