@@ -1,7 +1,8 @@
-"""Residual adds fused into their producing conv (slimcore/inference/deploy_fusion.py, slimcore.deploy's
-fuse_adds): Conv2dAdd against conv2d + add + activation, the deployed residual networks against
-the pruned models in both memory formats, the oneDNN op actually in the graph (and absent from the
-portable form), and the adds that must stay as they are."""
+"""Residual adds and activations fused into their producing conv (slimcore/inference/deploy_fusion.py,
+slimcore.deploy's fuse_adds and fuse_conv_acts): Conv2dAdd against conv2d + add + activation and
+Conv2dAct against conv2d + activation, the deployed networks against the pruned models in both
+memory formats, the oneDNN op actually in the graph (and absent from the portable form), and the
+adds and activations that must stay as they are."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 import slimcore
 import slimcore.models as seed_models
-from slimcore.inference.deploy_fusion import Conv2dAdd
+from slimcore.inference.deploy_fusion import Conv2dAct, Conv2dAdd, fuse_conv_activations
 from slimcore.nn import CompensatedConv2d, set_compensation
 
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -33,6 +34,18 @@ def profiled_ops(module, x):
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         module(x)
     return [e.name for e in prof.events()]
+
+
+def onednn_calls(module, x):
+    """How many Conv2dAct calls of module's forward take the fused oneDNN op."""
+    count = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: count.append(m.uses_onednn(args[0])))
+             for m in module.modules() if isinstance(m, Conv2dAct)]
+    with torch.inference_mode():
+        module(x)
+    for h in hooks:
+        h.remove()
+    return sum(count)
 
 
 CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, input size)
@@ -128,6 +141,14 @@ def test_conv2d_add_falls_back_where_onednn_does_not_apply():
     out.sum().backward()
     torch.testing.assert_close(other.grad, (conv(x) + other > 0).float())
     assert conv.weight.grad is not None
+    # only the weights require grad (the inputs do not): still the plain ops, the weight gets its gradient
+    conv.zero_grad(set_to_none=True)
+    plain_other = other.detach()
+    assert not fused.uses_onednn(x, plain_other)
+    fused(x, plain_other).sum().backward()
+    want_w = torch.autograd.grad(torch.relu(F.conv2d(x, conv.weight, conv.bias, padding=1) + plain_other).sum(),
+                                 conv.weight)[0]
+    torch.testing.assert_close(conv.weight.grad, want_w)
     # float64: not a oneDNN dtype
     fused64 = Conv2dAdd.from_conv(nn.Conv2d(4, 6, 1).double())
     x64, o64 = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 6, 5, 5, dtype=torch.float64)
@@ -184,8 +205,12 @@ def test_deployed_residual_network_fuses_its_adds_and_computes_the_pruned_model(
         assert fused[0].weight.is_contiguous(memory_format=torch.channels_last)
     # the residual stream's sums are new tensors nothing reads after the next add: written in place
     assert sum(m.writes_into_other for m in fused) >= len(fused) // 2
-    if ONEDNN:
-        assert sum(op in FUSED_OP_NAMES for op in profiled_ops(deployed, x)) == len(fused)
+    acts = [m for m in deployed.modules() if isinstance(m, Conv2dAct)]
+    assert len(acts) == len(report["conv_activations"]) > 0
+    if ONEDNN:  # the adds, and the Conv2dActs that see channels_last input (not the stem's NCHW x)
+        onednn_acts = onednn_calls(deployed, x)
+        assert (onednn_acts > 0) == (memory_format == "channels_last")
+        assert sum(op in FUSED_OP_NAMES for op in profiled_ops(deployed, x)) == len(fused) + onednn_acts
     # torch.export traces the plain ops (the fused op has no fake kernel) and computes the same
     program = torch.export.export(deployed, (x,))
     assert not any("mkldnn" in str(n.target) for n in program.graph.nodes)
@@ -297,6 +322,153 @@ def test_adds_that_are_not_fusable_stay():
     assert deployed.deploy_report["conv_adds"] == {"fusable": "none"}
     assert isinstance(deployed.fusable, Conv2dAdd)
     for name in ("read_twice", "shared", "into_other", "broadcast"):
-        assert type(getattr(deployed, name)) is nn.Conv2d, name
+        assert type(getattr(deployed, name)) in (nn.Conv2d, Conv2dAct), name  # no add taken
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ Conv2dAct
+
+ACT_REFERENCE = {"none": lambda y: y, "relu": torch.relu, "relu6": F.relu6, "hardswish": F.hardswish, "silu": F.silu}
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", list(ACT_REFERENCE))
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-s{c[3]}-g{c[6]}")
+def test_conv2d_act_equals_conv_then_activation(case, activation, memory_format):
+    cin, cout, k, stride, pad, dil, groups, bias, size = case
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias).eval()
+    fused = Conv2dAct.from_conv(conv, activation).to(memory_format=memory_format)
+    assert fused.weight is conv.weight and fused.bias is conv.bias
+    x = torch.randn(3, cin, size, size).contiguous(memory_format=memory_format) * 4  # past relu6's cap
+    with torch.no_grad():
+        want = ACT_REFERENCE[activation](conv(x))
+        got = fused(x)
+        # oneDNN for channels_last float32 only: on NCHW ATen's own conv is faster
+        assert fused.uses_onednn(x) == (ONEDNN and memory_format == torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=memory_format)
+    ops = profiled_ops(fused, x)  # (under inference_mode)
+    assert ("mkldnn::_convolution_pointwise" in ops) == (ONEDNN and memory_format == torch.channels_last)
+
+
+def test_conv2d_act_falls_back_where_onednn_does_not_apply():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    fused = Conv2dAct.from_conv(conv, "relu6")
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last) * 4
+    # autograd recording (the fused op has no backward): plain, out-of-place ops, gradients flow,
+    # also when only the weights require grad (a first conv)
+    for x_grad in (False, True):
+        conv.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(x_grad)
+        assert not fused.uses_onednn(xg)
+        out = fused(xg)
+        out.sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(out, F.relu6(conv(x)))
+        want_w = torch.autograd.grad(F.relu6(F.conv2d(x, conv.weight, conv.bias, padding=1)).sum(), conv.weight)[0]
+        torch.testing.assert_close(conv.weight.grad, want_w)
+        assert (xg.grad is not None) == x_grad
+    with torch.no_grad():
+        assert fused.uses_onednn(x) == ONEDNN
+    # bfloat16 and float64 are not its oneDNN dtypes; portable=True never uses oneDNN
+    for dtype in (torch.bfloat16, torch.float64):
+        other = Conv2dAct.from_conv(nn.Conv2d(4, 6, 1), "relu").to(dtype)
+        xd = x.to(dtype)
+        with torch.no_grad():
+            assert not other.uses_onednn(xd)
+            torch.testing.assert_close(other(xd), torch.relu(F.conv2d(xd, other.weight, other.bias)))
+    portable = Conv2dAct.from_conv(conv, "relu6", portable=True)
+    with torch.no_grad():
+        assert not portable.uses_onednn(x)
+        torch.testing.assert_close(portable(x), F.relu6(conv(x)))
+
+
+def test_conv2d_act_bad_arguments():
+    with pytest.raises(ValueError, match="Conv2dAct: unknown activation 'gelu'"):
+        Conv2dAct(3, 4, 1, activation="gelu")
+    with pytest.raises(TypeError, match="expected an nn.Conv2d with zero numeric padding"):
+        Conv2dAct.from_conv(nn.Conv2d(3, 4, 3, padding="same"))
+    with pytest.raises(TypeError, match="expected an nn.Conv2d with zero numeric padding"):
+        Conv2dAct.from_conv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+
+
+class _ConvActivations(nn.Module):
+    """A conv read by ReLU6 alone (fused), one read by F.relu alone (fused), one read by an
+    activation and by the output (not fused: the pre-activation value is needed), one conv module
+    called twice (not replaced), one with "same" padding (not replaced), one read by a GELU (a
+    plain Conv2dAct, GELU stays)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.twice = nn.Conv2d(8, 8, 1)
+        self.same = nn.Conv2d(8, 8, 3, padding="same")
+        self.d = nn.Conv2d(8, 8, 1)
+        self.act = nn.ReLU6(inplace=True)
+        self.gelu = nn.GELU()
+
+    def forward(self, x):
+        y = self.act(self.a(x))
+        y = F.relu(self.b(y))
+        z = self.c(y)
+        y = torch.relu(z) + z
+        y = self.twice(self.twice(y))
+        y = torch.relu(self.same(y))
+        return self.gelu(self.d(y))
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_fuse_conv_activations_takes_only_sole_readers(memory_format):
+    from slimcore.inference.deploy import _activation_of
+
+    torch.manual_seed(0)
+    model = _ConvActivations().eval()
+    x = torch.randn(2, 3, 9, 9) * 3
+    with torch.no_grad():
+        want = model(x)
+    gm = torch.fx.symbolic_trace(model)
+    fused = fuse_conv_activations(gm, _activation_of)
+    assert fused == {"a": "relu6", "b": "relu", "c": "none", "d": "none"}
+    assert isinstance(gm.a, Conv2dAct) and gm.a.activation == "relu6"
+    assert type(gm.twice) is nn.Conv2d and type(gm.same) is nn.Conv2d
+    # the fused activations left the graph; the others stay
+    assert not any(n.op == "call_module" and n.target == "act" for n in gm.graph.nodes)
+    assert any(n.op == "call_module" and n.target == "gelu" for n in gm.graph.nodes)
+    if memory_format == "channels_last":
+        gm = gm.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+    # without fuse_activations or plain_convs: nothing to do for the plain convs
+    gm2 = torch.fx.symbolic_trace(model)
+    assert fuse_conv_activations(gm2, _activation_of, fuse_activations=False, plain_convs=False) == {}
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_deployed_mobilenet_fuses_its_relu6_and_computes_the_pruned_model(memory_format):
+    model = randomize_batchnorms(torchvision.models.mobilenet_v2(num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    slimcore.prune(model, x, ratio=0.5)
+    with torch.no_grad():
+        want = model(x)
+    deployed = slimcore.deploy(model, x, memory_format=memory_format)
+    acts = deployed.deploy_report["conv_activations"]
+    # every depthwise and expansion conv with its ReLU6 (35 of them), the projections plain
+    assert sum(a == "relu6" for a in acts.values()) == 35
+    assert not any(isinstance(m, nn.ReLU6) for m in deployed.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), want, rtol=1e-4, atol=1e-4)
+    off = slimcore.deploy(model, x, memory_format=memory_format, fuse_conv_acts=False)
+    assert off.deploy_report["conv_activations"] == {}
+    assert not any(isinstance(m, Conv2dAct) for m in off.modules())
+    # torch.export and the portable form trace plain ops
+    program = torch.export.export(deployed, (x,))
+    assert not any("mkldnn" in str(n.target) for n in program.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), want, rtol=1e-4, atol=1e-4)
+    portable = slimcore.deploy(model, x, memory_format=memory_format, portable=True)
+    assert all(m.portable for m in portable.modules() if isinstance(m, Conv2dAct))
+    assert not any("mkldnn" in t for t in call_targets(portable, x))

@@ -1,6 +1,6 @@
 """The inference form of a (slimmed or dense) model: ``slimcore.deploy``.
 
-Four rewrites of a copy of the model, each exact up to rounding:
+Five rewrites of a copy of the model, each exact up to rounding:
 
 1. Every BatchNorm that normalises a conv/linear output nothing else reads folds into that layer
    (slimcore.fold_bn): no pass of its own.
@@ -15,7 +15,11 @@ Four rewrites of a copy of the model, each exact up to rounding:
    with an add post-op (inference/deploy_fusion.py's Conv2dAdd, oneDNN on the CPU), with the ReLU
    that alone reads the sum: the adds run on the full-width residual stream slimming keeps, so
    unfused they do not shrink with the FLOPs (traced models only).
-4. The memory format (NCHW or channels_last) is the faster of the two, timed on the example
+4. Every other conv becomes a Conv2dAct with the activation that alone reads its output (ReLU,
+   ReLU6, Hardswish, SiLU): on channels_last input one oneDNN conv with the activation as a
+   post-op, no separate pass, and no fallback to ATen's im2col path for 1x1 convs at small batch
+   on one thread (traced models only).
+5. The memory format (NCHW or channels_last) is the faster of the two, timed on the example
    inputs; optionally ``torch.compile``.
 
 ``portable=True`` makes the fused modules run plain ATen ops instead of slimcore's op, so that
@@ -32,7 +36,7 @@ from torch import nn
 from .._modules import parent_module
 from ..pruning.modules import LEAF_MODULES, SELECTED_BATCHNORM
 from ..pruning.widths import interleaved_seconds
-from .deploy_fusion import fuse_conv_adds
+from .deploy_fusion import fuse_conv_activations, fuse_conv_adds
 from .fold import fold_bn
 from .modules import ChannelAffine
 
@@ -169,7 +173,7 @@ def _model_device(model):
 
 
 def deploy(model, example_inputs, device=None, memory_format="auto", compile=False, *, portable=False,
-           dtype=None, fuse_activations=True, fuse_adds=True, timing_rounds=5):
+           dtype=None, fuse_activations=True, fuse_adds=True, fuse_conv_acts=True, timing_rounds=5):
     """The inference form of ``model`` as a new module (``model`` itself is not changed).
 
     BatchNorms fold into the conv/linear before them where that is exact; every other eval-mode
@@ -193,11 +197,16 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
         fuse_adds: fuse each residual add into the conv producing one of its operands
             (slimcore.inference.deploy_fusion.Conv2dAdd: a oneDNN conv with an add post-op on the
             CPU), and the ReLU that alone reads the sum; needs a model torch.fx traces.
+        fuse_conv_acts: turn the other convs into Conv2dAct (slimcore.inference.deploy_fusion),
+            each with the activation that alone reads it when ``fuse_activations``: one oneDNN
+            conv with an activation post-op on channels_last float32 input on the CPU, conv2d
+            and the activation elsewhere; needs a model torch.fx traces.
         timing_rounds: interleaved timing rounds per memory format for "auto".
 
     The returned module carries ``deploy_report`` (a dict): ``folded`` and ``fused`` BN names,
     ``activations`` (fused BN name -> activation), ``conv_adds`` (conv name -> activation fused
-    after the add, for the convs that took their residual add), ``traced`` (whether torch.fx traced the model;
+    after the add, for the convs that took their residual add), ``conv_activations`` (conv name ->
+    activation fused after it, "none" for a Conv2dAct without one), ``traced`` (whether torch.fx traced the model;
     without it no activation is fused), ``memory_format`` and ``format_ms`` (the timings behind
     "auto"), ``compiled``.
     """
@@ -231,9 +240,11 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
     if traced:
         m, fused, activations = _fuse_traced(m, graph, portable, fuse_activations)
         conv_adds = fuse_conv_adds(m, inputs, _activation_of, portable, fuse_activations) if fuse_adds else {}
+        conv_activations = fuse_conv_activations(m, _activation_of, portable, fuse_activations) \
+            if fuse_conv_acts else {}
     else:  # replace module by module
         m, fused = _fuse_modules(m, portable)
-        activations, conv_adds = {}, {}
+        activations, conv_adds, conv_activations = {}, {}, {}
 
     has_4d = any(p.dim() == 4 for p in m.parameters()) and any(
         isinstance(t, torch.Tensor) and t.dim() == 4 for t in inputs)
@@ -249,7 +260,8 @@ def deploy(model, example_inputs, device=None, memory_format="auto", compile=Fal
             memory_format = "contiguous"
     elif memory_format == "channels_last":
         m = m.to(memory_format=torch.channels_last)
-    report = dict(folded=folded, fused=fused, activations=activations, conv_adds=conv_adds, traced=traced,
+    report = dict(folded=folded, fused=fused, activations=activations, conv_adds=conv_adds,
+                  conv_activations=conv_activations, traced=traced,
                   memory_format=memory_format, format_ms=format_ms, compiled=bool(compile))
     if compile:
         m = torch.compile(m)

@@ -1,4 +1,4 @@
-"""Residual adds fused into the convolution that produces one of their operands (slimcore.deploy).
+"""Residual adds and activations fused into the convolution before them (slimcore.deploy).
 
 A residual network's adds run on its full-width residual stream, which network slimming keeps (it
 prunes inside the blocks): they do not shrink with the FLOPs, and each is a memory pass of its own
@@ -11,6 +11,12 @@ one write instead of two ops and three passes. PyTorch exposes it on the CPU as
 rewrites a torch.fx graph: an add of a conv's output that nothing else reads, with a tensor of the
 same shape and dtype, becomes one call of that conv (and the ReLU that alone reads the sum); where
 nothing reads the other operand afterwards, the conv writes the sum into it (no new tensor).
+
+``Conv2dAct`` is the same for a conv and the activation that alone reads it (``fuse_conv_activations``),
+with the activation as a oneDNN unary post-op, for channels_last input: there a separate ReLU/ReLU6
+is one more pass over the conv's output, and ATen sends a 1x1 conv at small batch on one thread to
+its im2col path, which converts the layout and copies the bias in first (a slimmed mobilenet_v2 at
+batch 4 spends about a third of its time in that path, its copies and the clamps).
 """
 
 import operator
@@ -25,13 +31,28 @@ from .. import reference
 from ..pruning.modules import CompensatedConv2d
 from .modules import ChannelAffine
 
-__all__ = ["Conv2dAdd", "fuse_conv_adds"]
+__all__ = ["Conv2dAct", "Conv2dAdd", "fuse_conv_activations", "fuse_conv_adds"]
 
 # activation name -> oneDNN unary post-op after the add (torch 2.14's op takes relu alone there:
 # "Unary Fusion behavior undefined" for hardtanh, hardswish, swish, gelu, ...)
 _ONEDNN_ACTIVATIONS = {"none": None, "relu": "relu"}
 # float32 alone: torch 2.14's op sends bfloat16 with add + relu to an add_relu kernel that lacks it
 _ONEDNN_DTYPES = (torch.float32,)
+# activation name (reference.ACTIVATIONS) -> oneDNN unary post-op of a conv and its scalars
+_ONEDNN_UNARY = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+                 "hardswish": ("hardswish", []), "silu": ("swish", [])}
+# The same activations in place, for Conv2dAct's unfused path (the conv's output is a new tensor:
+# an out-of-place activation would add an allocation the unfused model does not make).
+_IN_PLACE = {"none": lambda y: y, "relu": torch.relu_, "relu6": lambda y: F.hardtanh_(y, 0.0, 6.0),
+             "hardswish": lambda y: F.hardswish(y, inplace=True), "silu": lambda y: F.silu(y, inplace=True)}
+
+
+def _records_grad(conv, *inputs):
+    """Whether autograd records this call: the fused oneDNN ops have no backward, so an input or a
+    parameter that requires grad (a first conv's weight, with an input that does not) must take the
+    plain ops, or its gradient would be silently missing."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*inputs, conv.weight, conv.bias))
 
 
 def _onednn_available():
@@ -91,7 +112,7 @@ class Conv2dAdd(nn.Conv2d):
                 and x.dtype in _ONEDNN_DTYPES
                 and other.dtype == x.dtype and other.device == x.device and self.weight.dtype == x.dtype
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad))
+                and not _records_grad(self, x, other)
                 and _onednn_available()
                 and other.shape == self._output_shape(x))
 
@@ -119,6 +140,62 @@ class Conv2dAdd(nn.Conv2d):
     def extra_repr(self):
         return super().extra_repr() + f", adds its second input, activation={self.activation}" + \
             (", writes into it" if self.writes_into_other else "") + (", portable" if self.portable else "")
+
+
+class Conv2dAct(nn.Conv2d):
+    """``act(conv2d(input))``: a Conv2d (same parameters, same state_dict keys) with the activation
+    that reads its output ("none", "relu", "relu6", "hardswish", "silu").
+
+    On the CPU in float32 with channels_last input it runs as one oneDNN convolution with the
+    activation as a post-op. NCHW input (where oneDNN would reorder the data and ATen's own choice
+    is faster), other devices and dtypes, ``portable=True``, torch.compile / torch.export tracing
+    and inputs that autograd records run conv2d and the activation. Both compute the same up to
+    rounding. The fused op has no backward.
+    """
+
+    def __init__(self, *args, activation="none", portable=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if activation not in _ONEDNN_UNARY:
+            raise ValueError(f"Conv2dAct: unknown activation {activation!r}; expected one of "
+                             f"{', '.join(_ONEDNN_UNARY)}")
+        self.activation = activation
+        self.portable = bool(portable)
+
+    @classmethod
+    def from_conv(cls, conv, activation="none", portable=False):
+        """A Conv2dAct sharing ``conv``'s weight and bias (the same Parameter objects)."""
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise TypeError(f"Conv2dAct.from_conv: expected an nn.Conv2d with zero numeric padding, got "
+                            f"{type(conv).__name__} (padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, device="meta",
+                    activation=activation, portable=portable)
+        fused.weight = conv.weight
+        fused.bias = conv.bias
+        fused.train(conv.training)
+        return fused
+
+    def uses_onednn(self, x):
+        """Whether forward(x) runs as the one fused oneDNN op (else conv2d, then the activation)."""
+        return (not self.portable and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype in _ONEDNN_DTYPES and self.weight.dtype == x.dtype
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                and not _records_grad(self, x)
+                and _onednn_available())
+
+    def forward(self, input):
+        if self.uses_onednn(input):
+            attr, scalars = _ONEDNN_UNARY[self.activation]
+            return torch.ops.mkldnn._convolution_pointwise(input, self.weight, self.bias, list(self.padding),
+                                                           list(self.stride), list(self.dilation), self.groups,
+                                                           attr, scalars, "")
+        y = self._conv_forward(input, self.weight, self.bias)
+        if self.portable or (torch.is_grad_enabled() and y.requires_grad):
+            return reference.ACTIVATIONS[self.activation](y)
+        return _IN_PLACE[self.activation](y)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", activation={self.activation}" + (", portable" if self.portable else "")
 
 
 def _add_operands(node):
@@ -236,4 +313,46 @@ def fuse_conv_adds(gm, example_inputs, activation_of, portable=False, fuse_activ
             break
     gm.graph.lint()
     gm.recompile()
+    return fused
+
+
+def fuse_conv_activations(gm, activation_of, portable=False, fuse_activations=True, plain_convs=True):
+    """Rewrites ``gm`` (a torch.fx GraphModule, in place): each nn.Conv2d called once, with zero
+    numeric padding, becomes a :class:`Conv2dAct` together with the activation that alone reads its
+    output (when ``activation_of(user, modules, conv_node)`` names one of its activations and
+    ``fuse_activations``); with ``plain_convs`` the convs without such an activation become
+    Conv2dAct("none") as well, so that channels_last input takes oneDNN there too. Run it after
+    fuse_conv_adds (which takes the convs feeding an add). Returns {conv name: activation}.
+    """
+    modules = dict(gm.named_modules())
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = modules.get(node.target)
+        if type(conv) is not nn.Conv2d or calls[node.target] != 1 or conv.padding_mode != "zeros" \
+                or isinstance(conv.padding, str):
+            continue
+        act, user = "none", None
+        if fuse_activations and len(node.users) == 1:
+            user = next(iter(node.users))
+            act = activation_of(user, modules, node) or "none"
+            if act not in _ONEDNN_UNARY:
+                act = "none"
+        if act == "none" and not plain_convs:
+            continue
+        replacement = Conv2dAct.from_conv(conv, act, portable)
+        gm.add_submodule(node.target, replacement)
+        modules[node.target] = replacement
+        if act != "none":
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+        fused[node.target] = act
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()  # the activation modules fused away
     return fused
