@@ -101,6 +101,28 @@ class _SteadierTable(slimcore.LatencyTable):
         return super().time_models(models, example_inputs, min_runs or self.rounds, min_seconds or self.seconds)
 
 
+def retime(args, run, dense_model, x, deploy, budgets, selections, env):
+    """Times the dense model and every stage model of earlier runs together, interleaved: on a
+    loaded machine the per-budget runs' timings drift apart; here all share each round."""
+    torch.set_num_threads(args.threads)
+    names = [f"prune-bench{f'-cap{float(c):g}' if float(c) < 1 else ''}-{s}-{b:g}"
+             for c in args.retime.split(",") for b in budgets for s in selections]
+    models = [dense_model] + [load_model(os.path.join(run, n, "model.pt"))[0] for n in names]
+    deployed = [deploy(copy.deepcopy(m).eval()) for m in models]
+    table = slimcore.LatencyTable("cpu", batch=args.batch, persist=False)
+    runs = [table.time_models(deployed, (x,), min_runs=30, min_seconds=1.0) for _ in range(args.repeats)]
+    fractions = {n: [r[i] / r[0] for r in runs] for i, n in enumerate(names, start=1)}
+    write_json(args.out, {"environment": env, "repeats": args.repeats, "dense_ms": [r[0] * 1e3 for r in runs],
+                          "fractions_per_run": fractions})
+    lines = [f"# re-timed together, interleaved, {args.repeats} runs; {env['cpu']}, {args.threads} thread(s), "
+             f"batch {args.batch}, deploy form; median (min-max) of the per-run fraction of the dense latency"]
+    lines += [f"{n:<44} {statistics.median(f):.3f} ({min(f):.3f}-{max(f):.3f})" for n, f in fractions.items()]
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
+        f.write(text + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/latency-selection", help="run directory (trained there if empty)")
@@ -123,6 +145,10 @@ def main(argv=None):
                         help="interleaved rounds of each candidate timing in the searches (slimcore's default: 10)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing runs of the final comparison")
     parser.add_argument("--out", default=os.path.join(RESULTS, "latency-selection-cpu.json"))
+    parser.add_argument("--retime", default=None, metavar="CAPS",
+                        help="only re-time the pruned models an earlier run left in --run (comma-separated "
+                             "max_layer_ratio values of those runs, e.g. 1,0.75), all of them and the dense model "
+                             "in one interleaved run, --repeats times; writes OUT")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -149,6 +175,8 @@ def main(argv=None):
                            "model_kwargs": config.get("model_kwargs"), "train": config.get("train"),
                            "run_note": config.get("note")}
     print(f"{env['cpu']}, torch {torch.__version__}, timing threads {args.threads}, batch {args.batch}")
+    if args.retime:
+        return retime(args, run, dense_model, x, deploy, budgets, selections, env)
     tag = "prune-bench" + (f"-cap{args.max_layer_ratio:g}" if args.max_layer_ratio < 1 else "")
     rows = []
     for budget in budgets:
