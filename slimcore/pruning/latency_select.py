@@ -134,18 +134,19 @@ class _Path:
         """For ``importance="log_share"``: each class's layer (decide's grouping, -1: none), each
         layer's dense score and its smoothing term (one average channel of the dense layer)."""
         c = self.classes
-        self.abs_score = np.nan_to_num(np.abs(c.score), nan=0.0)
+        self.abs_score = np.nan_to_num(np.abs(c.score), nan=0.0, posinf=np.inf)  # inf: a channel kept
         self.layer_of = np.full(c.n, -1, dtype=np.int64)
         members = [m for mask in (~c.is_selection, c.is_selection) for m in c.layers(mask).values()]
+        finite = np.where(np.isfinite(self.abs_score), self.abs_score, 0.0)
         for i, m in enumerate(members):
             self.layer_of[m] = i
-        self.layer_dense = np.array([self.abs_score[m].sum() for m in members], dtype=np.float64)
-        self.layer_smooth = np.array([self.abs_score[m].sum() / len(m) for m in members], dtype=np.float64)
+        self.layer_dense = np.array([finite[m].sum() for m in members], dtype=np.float64)
+        self.layer_smooth = np.array([finite[m].sum() / len(m) for m in members], dtype=np.float64)
         self.layer_kept = self.layer_dense.copy()  # the walk's current state
 
     def _lost(self, ids, kept):
         """Importance lost by removing classes ``ids`` when the layers keep ``kept`` of their score."""
-        if self.importance == "sum":
+        if self.importance == "sum" or not np.isfinite(self.abs_score[ids]).all():
             return float(self.abs_score[ids].sum())
         ids = ids[self.layer_of[ids] >= 0]
         lids, at = np.unique(self.layer_of[ids], return_inverse=True)
@@ -158,7 +159,7 @@ class _Path:
 
     def _kept(self, removed):
         """Score each layer keeps when ``removed`` classes are gone."""
-        ids = np.flatnonzero(removed & (self.layer_of >= 0))
+        ids = np.flatnonzero(removed & (self.layer_of >= 0) & np.isfinite(self.abs_score))
         gone = np.bincount(self.layer_of[ids], weights=self.abs_score[ids], minlength=len(self.layer_dense))
         return self.layer_dense - gone
 
