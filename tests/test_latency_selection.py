@@ -233,6 +233,11 @@ def test_cli_prunes_with_latency_aware_selection(tmp_path, capsys, monkeypatch):
     assert rep["latency"]["measured_fraction"] > 0 and rep["ratio"] == rep["channels_removed_share"]
     model, meta = load_model(run / "prune-bn_scale-latency0.9-aware" / "model.pt")
     assert slimcore.profile(model, torch.zeros(1, *meta["input_shape"]))[0] == rep["flops_after"]
+    assert rep["latency"]["importance"] == "sum"
+    assert cli.main(["prune", "--run", str(run), "--latency", "0.9", "--selection", "latency",
+                     "--importance", "log_share", "--latency-batch", "8"]) == 0
+    rep = json.load(open(run / "prune-bn_scale-latency0.9-aware-log_share" / "report.json"))
+    assert rep["selection"] == "latency" and rep["latency"]["importance"] == "log_share"
     capsys.readouterr()
     assert cli.main(["prune", "--run", str(run), "--ratio", "0.5", "--selection", "latency"]) == 2
     assert "give --latency with it" in capsys.readouterr().err
