@@ -104,6 +104,37 @@ def test_latency_selection_beats_the_threshold_where_channels_cost_differently(f
     assert kept[0] < min(kept[1:])  # the expensive layer gave most
 
 
+def log_share_objective(kept, gammas):
+    """importance="log_share"'s objective for TwoCosts keeping its top ``kept`` channels per layer
+    (all layers hold the same gammas): sum over layers of log((kept score + s) / (dense score + s)),
+    s one average channel of the layer, written out independently of latency_select."""
+    top = np.concatenate([[0.0], np.cumsum(np.sort(gammas)[::-1])])
+    smooth = top[-1] / len(gammas)
+    return sum(np.log((top[k] + smooth) / (top[-1] + smooth)) for k in kept)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.4, 0.2])
+def test_log_share_importance_keeps_layers_balanced_near_the_brute_force_best(fraction):
+    model, x = TwoCosts().eval(), torch.randn(2, 3, 32, 32)
+    gammas = model.bn_a.weight.detach().double().numpy()
+    dense = two_costs_macs(12, 12, 12)
+    kept = {}
+    for importance in ("sum", "log_share"):
+        m = copy.deepcopy(model)
+        rep = slimcore.prune_for_latency(m, x, fraction, latency_table=MacsTable(), importance=importance,
+                                         resolution=0.01, compensate=False)
+        assert rep.latency["importance"] == importance and f"importance {importance}" in str(rep)
+        kept[importance] = [m.get_submodule(n).out_channels for n in ("a", "b", "c")]
+        assert two_costs_macs(*kept[importance]) <= fraction * dense
+    best = max(log_share_objective(k, gammas) for k in itertools.product(range(1, 13), repeat=3)
+               if two_costs_macs(*k) <= fraction * dense)
+    got = log_share_objective(kept["log_share"], gammas)
+    assert best - 0.05 <= got <= best + 1e-9, (kept, got, best)  # within 5% of the best product of shares (a greedy)
+    if fraction == 0.2:  # here "sum" strips the expensive layer to one channel; log_share does not
+        assert kept["sum"][0] == 1 and kept["log_share"][0] > 1
+        assert got > log_share_objective(kept["sum"], gammas) + 0.1
+
+
 def build_seed(name, size=32, width=0.25):
     torch.manual_seed(0)
     model = seed_models.build(name, num_classes=10, in_channels=3, width=width)
@@ -128,12 +159,15 @@ def test_on_vgg_the_budget_holds_and_at_least_the_thresholds_importance_stays():
         assert f"{100 * rep.channels_removed_share:.1f}%" in str(rep) and "latency-aware" in str(rep)
 
 
-def test_coupled_residual_channels_go_together_and_the_function_is_kept():
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the stream's unscaled channels score inf: no overflow, no nan
+@pytest.mark.parametrize("importance", ["sum", "log_share"])
+def test_coupled_residual_channels_go_together_and_the_function_is_kept(importance):
     # pre-activation ResNet: the residual stream's channels are one group across every block; the
     # pruned model must equal the dense one with the removed channels zeroed (else groups split).
     model, x = build_seed("preresnet56", width=0.5)
     dense = copy.deepcopy(model)
-    rep = slimcore.prune_for_latency(model, x, 0.5, latency_table=MacsTable(), resolution=0.02, compensate=False)
+    rep = slimcore.prune_for_latency(model, x, 0.5, latency_table=MacsTable(), resolution=0.02, compensate=False,
+                                     importance=importance)
     assert rep.latency["measured_fraction"] <= 0.5
     zero_removed(dense, rep.removed)
     assert_same_function(model, dense, x)
@@ -165,6 +199,11 @@ def test_bad_arguments():
             slimcore.prune_for_latency(model, x, bad, latency_table=MacsTable())
     with pytest.raises(ValueError, match="selection must be one of"):
         slimcore.prune_for_latency(model, x, 0.5, selection="fast", latency_table=MacsTable())
+    with pytest.raises(ValueError, match="importance must be one of"):
+        slimcore.prune_for_latency(model, x, 0.5, importance="taylor", latency_table=MacsTable())
+    with pytest.raises(ValueError, match="importance='log_share' is for selection='latency'"):
+        slimcore.prune_for_latency(model, x, 0.5, selection="threshold", importance="log_share",
+                                   latency_table=MacsTable())
     with pytest.raises(ValueError, match="round_to='auto' does not combine"):
         slimcore.prune_for_latency(model, x, 0.5, latency_table=MacsTable(), round_to="auto")
     with pytest.raises(ValueError, match="scope must be 'global'"):
@@ -194,9 +233,16 @@ def test_cli_prunes_with_latency_aware_selection(tmp_path, capsys, monkeypatch):
     assert rep["latency"]["measured_fraction"] > 0 and rep["ratio"] == rep["channels_removed_share"]
     model, meta = load_model(run / "prune-bn_scale-latency0.9-aware" / "model.pt")
     assert slimcore.profile(model, torch.zeros(1, *meta["input_shape"]))[0] == rep["flops_after"]
+    assert rep["latency"]["importance"] == "sum"
+    assert cli.main(["prune", "--run", str(run), "--latency", "0.9", "--selection", "latency",
+                     "--importance", "log_share", "--latency-batch", "8"]) == 0
+    rep = json.load(open(run / "prune-bn_scale-latency0.9-aware-log_share" / "report.json"))
+    assert rep["selection"] == "latency" and rep["latency"]["importance"] == "log_share"
     capsys.readouterr()
     assert cli.main(["prune", "--run", str(run), "--ratio", "0.5", "--selection", "latency"]) == 2
     assert "give --latency with it" in capsys.readouterr().err
     assert cli.main(["prune", "--run", str(run), "--latency", "0.5", "--selection", "latency", "--round-to",
                      "auto"]) == 2
     assert "round_to='auto' does not combine" in capsys.readouterr().err
+    assert cli.main(["prune", "--run", str(run), "--latency", "0.5", "--importance", "log_share"]) == 2
+    assert "--importance log_share is for --selection latency" in capsys.readouterr().err

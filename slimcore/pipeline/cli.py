@@ -33,7 +33,7 @@ import time
 from .. import models
 from .._io import CheckpointError
 from ..pruning.criteria import CRITERIA
-from ..pruning.latency_select import SELECTIONS
+from ..pruning.latency_select import IMPORTANCES, SELECTIONS
 from ..pruning.options import SCOPES
 from ..sparsity.penalties import NAMES as PENALTY_NAMES
 from . import data as data_mod
@@ -209,6 +209,10 @@ def parser():
                    help="with --latency: which channels go. threshold: the global threshold at the ratio that "
                         "meets the budget; latency: by importance per unit of measured per-layer latency "
                         "(slimcore.prune_for_latency). Stages: prune-<criterion>-latency<f>-aware")
+    p.add_argument("--importance", default="sum", choices=IMPORTANCES,
+                   help="with --selection latency: what the selection keeps per unit of time. sum: the kept "
+                        "channels' scores; log_share: the sum over layers of the log of each layer's kept share "
+                        "of its score (no layer starved). Stages: prune-<criterion>-latency<f>-aware-log_share")
     p.add_argument("--name", default=None,
                    help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
                         "prune-<criterion>-flops<f>, -channels<s> or -latency<f>; one ratio only). `finetune --stage NAME` fine-tunes it")
@@ -378,6 +382,8 @@ def cmd_prune(args):
         raise CLIError(f"give one of --ratio, --flops, --channels and --latency, not {' and '.join(given)}")
     if args.selection != "threshold" and args.latency is None:
         raise CLIError(f"--selection {args.selection} chooses channels for a latency budget: give --latency with it")
+    if args.importance != "sum" and args.selection != "latency":
+        raise CLIError(f"--importance {args.importance} is for --selection latency")
     searches = {"flops": None, "channels": None, "latency": None}
     for key in searches:
         if getattr(args, key) is not None:
@@ -395,7 +401,7 @@ def cmd_prune(args):
     results = [prune_stage(run, os.path.join(run, args.source), r, args.criterion, args.scope, args.round_to,
                            args.min_channels, args.device, os.path.join(run, args.name) if args.name else None,
                            args.compensate, args.max_layer_ratio, args.latency_batch, flops=f, channels=c, latency=t,
-                           selection=args.selection)
+                           selection=args.selection, importance=args.importance)
                for r, f, c, t in zip(ratios, searches["flops"], searches["channels"], searches["latency"])]
     _print_prune_table(results)
     return results

@@ -21,6 +21,10 @@ own, a greedy one):
    move, the layers that share a conv with it are re-evaluated. Moves never go below what
    ``decide`` would put back (min_channels, max_layer_ratio, round_to, frozen and unscored
    channels); channels tied together (residual streams, groups) are one group and go together.
+   Importance lost (``importance``): "sum", the removed channels' scores; or "log_share", the drop
+   in the sum over layers of log(the share of its dense score a layer keeps): a layer's share is
+   worth the same whatever its size or score scale, and a layer's last channels cost the most, so
+   an expensive layer is not emptied for the cheap channels of others.
 3. Budget. Estimated and measured times differ (BN, activations, pooling and memory traffic are not
    in the per-layer sum), so the cut along the path is found by bisection on the *measured* time of
    the deployed pruned model against the deployed dense one, interleaved in one run, as
@@ -43,6 +47,10 @@ from .search import check_search, measured_fraction, ratio_for_latency, smallest
 from .widths import STEPS, LatencyTable, timed_layers
 
 SELECTIONS = ("latency", "threshold")
+# What the latency-aware greedy keeps (see _Path): "sum": the sum of the kept channels' scores, the
+# threshold's objective; "log_share": the sum over layers of the log of the share of its own score
+# a layer keeps, so a layer's last channels cost the most and no layer is starved.
+IMPORTANCES = ("sum", "log_share")
 GRID = 8  # intervals per timed side: (GRID + 1)^2 standalone timings per conv whose both widths change
 
 
@@ -96,7 +104,7 @@ class _Path:
     """The greedy's removal order for one set of channel classes: ``steps`` (class ids removed by
     each move) and ``estimate`` (estimated seconds after each move; estimate[0] is the dense model's)."""
 
-    def __init__(self, classes, blocks, table, round_to, min_channels, max_layer_ratio):
+    def __init__(self, classes, blocks, table, round_to, min_channels, max_layer_ratio, importance="sum"):
         layers = timed_layers(classes.graph, classes)
         candidate = classes.candidate
         self.costs = []
@@ -118,7 +126,42 @@ class _Path:
         self.width = np.array([[len(t.in_classes), len(t.out_classes)] for t in layers], dtype=np.int64).reshape(-1, 2)
         self.classes = classes
         self.has_selections = len(classes.sel_class) > 0
+        self.importance = importance
+        self._layer_shares()
         self._walk(blocks, round_to, min_channels, max_layer_ratio)
+
+    def _layer_shares(self):
+        """For ``importance="log_share"``: each class's layer (decide's grouping, -1: none), each
+        layer's dense score and its smoothing term (one average channel of the dense layer)."""
+        c = self.classes
+        self.abs_score = np.nan_to_num(np.abs(c.score), nan=0.0, posinf=np.inf)  # inf: a channel kept
+        self.layer_of = np.full(c.n, -1, dtype=np.int64)
+        members = [m for mask in (~c.is_selection, c.is_selection) for m in c.layers(mask).values()]
+        finite = np.where(np.isfinite(self.abs_score), self.abs_score, 0.0)
+        for i, m in enumerate(members):
+            self.layer_of[m] = i
+        self.layer_dense = np.array([finite[m].sum() for m in members], dtype=np.float64)
+        self.layer_smooth = np.array([finite[m].sum() / len(m) for m in members], dtype=np.float64)
+        self.layer_kept = self.layer_dense.copy()  # the walk's current state
+
+    def _lost(self, ids, kept):
+        """Importance lost by removing classes ``ids`` when the layers keep ``kept`` of their score."""
+        if self.importance == "sum" or not np.isfinite(self.abs_score[ids]).all():
+            return float(self.abs_score[ids].sum())
+        ids = ids[self.layer_of[ids] >= 0]
+        lids, at = np.unique(self.layer_of[ids], return_inverse=True)
+        removed = np.bincount(at, weights=self.abs_score[ids], minlength=len(lids))
+        before = kept[lids] + self.layer_smooth[lids]
+        after = np.maximum(before - removed, 0.0)
+        live = self.layer_dense[lids] > 0  # a layer of zero scores has nothing to lose
+        # log(before / after): a layer's share halved costs as much whatever its size or scale
+        return float(np.sum(np.log(before[live]) - np.log(after[live])))
+
+    def _kept(self, removed):
+        """Score each layer keeps when ``removed`` classes are gone."""
+        ids = np.flatnonzero(removed & (self.layer_of >= 0) & np.isfinite(self.abs_score))
+        gone = np.bincount(self.layer_of[ids], weights=self.abs_score[ids], minlength=len(self.layer_dense))
+        return self.layer_dense - gone
 
     def _groups(self, round_to, min_channels, max_layer_ratio):
         """Per layer (decide's grouping): removable classes lowest score first, and the most of them
@@ -163,6 +206,7 @@ class _Path:
         fewer}) of removing ``removed_now`` (plus the selection channels that read them) from the
         state ``removed``/``width`` (default: the walk's current one)."""
         c = self.classes
+        kept = self.layer_kept if removed is None or self.importance == "sum" else self._kept(removed)
         removed = self.removed if removed is None else removed
         width = self.width if width is None else width
         ids = removed_now
@@ -181,8 +225,7 @@ class _Path:
             w_in, w_out = width[i]
             cost = self.costs[i]
             saved += cost(w_in, w_out) - cost(w_in - din, w_out - dout)
-        lost = float(np.nansum(np.abs(c.score[ids])))
-        return saved, lost, ids, delta
+        return saved, self._lost(ids, kept), ids, delta
 
     def _best_move(self, key):
         g = self.groups[key]
@@ -207,6 +250,10 @@ class _Path:
             for cid in internal.tolist():
                 for i, _, _ in self.touch.get(cid, ()):
                     of_layer.setdefault(i, set()).add(key)
+        of_share = {}  # layer share index -> moves whose loss depends on it (importance="log_share")
+        for key, ids in [*((k, g["order"]) for k, g in self.groups.items()), *blocks.items()]:
+            for s in np.unique(self.layer_of[ids]).tolist():
+                of_share.setdefault(s, set()).add(key)
         self.full_width = self.width.copy()
         total = sum(cost(*w) for cost, w in zip(self.costs, self.width))
         self.steps, self.estimate, self.deltas, self.divisible = [], [total], [], []
@@ -230,6 +277,8 @@ class _Path:
                 break
             saved, _, ids, delta, key = best
             self.removed[ids] = True
+            if self.importance != "sum":
+                self.layer_kept = self._kept(self.removed)
             for i, (din, dout) in delta.items():
                 self.width[i] -= (din, dout)
             total -= saved
@@ -240,6 +289,9 @@ class _Path:
             dirty = {key}
             for i in delta:
                 dirty |= of_layer.get(i, set())
+            if self.importance != "sum":
+                for s in np.unique(self.layer_of[ids]).tolist():
+                    dirty |= of_share.get(s, set())
             for k in dirty:
                 evaluate(k)
         self.estimate = np.array(self.estimate)
@@ -301,13 +353,13 @@ class LatencySelection:
     an estimated ``fraction`` of the dense model's per-layer time. Paths are cached per set of
     classes (the copies a search prunes share one)."""
 
-    def __init__(self, table, fraction=1.0):
-        self.table, self.fraction = table, float(fraction)
+    def __init__(self, table, fraction=1.0, importance="sum"):
+        self.table, self.fraction, self.importance = table, float(fraction), importance
         self._paths = {}
         self.last = None  # the path of the last call
 
     def at(self, fraction):
-        other = LatencySelection(self.table, fraction)
+        other = LatencySelection(self.table, fraction, self.importance)
         other._paths = self._paths
         return other
 
@@ -315,16 +367,18 @@ class LatencySelection:
         h = hashlib.sha1()
         for a in (classes.of_atom, classes.score, classes.candidate, classes.layer):
             h.update(np.ascontiguousarray(a).tobytes())
-        h.update(repr((sorted(name for name, _ in blocks), round_to, min_channels, max_layer_ratio)).encode())
+        h.update(repr((sorted(name for name, _ in blocks), round_to, min_channels, max_layer_ratio,
+                       self.importance)).encode())
         key = h.hexdigest()
         if key not in self._paths:
-            self._paths[key] = _Path(classes, blocks, self.table, round_to, min_channels, max_layer_ratio)
+            self._paths[key] = _Path(classes, blocks, self.table, round_to, min_channels, max_layer_ratio,
+                                     self.importance)
         self.last = self._paths[key]
         return self.last.cut(self.fraction)
 
 
-def prune_for_latency(model, example_inputs, latency_fraction, *, selection="latency", latency_table=None,
-                      deploy=None, resolution=0.01, **prune_kwargs):
+def prune_for_latency(model, example_inputs, latency_fraction, *, selection="latency", importance="sum",
+                      latency_table=None, deploy=None, resolution=0.01, **prune_kwargs):
     """Prunes ``model`` in place so that its *measured* latency is at most ``latency_fraction`` of
     the dense model's, and returns the :class:`PruneReport` (``report.selection`` says which
     decision was used, ``report.latency`` the measured fraction and times).
@@ -341,6 +395,13 @@ def prune_for_latency(model, example_inputs, latency_fraction, *, selection="lat
                                             deploy=lambda m: slimcore.deploy(m, x))
         report.latency["measured_fraction"]   # e.g. 0.49
 
+    ``importance`` (selection="latency" only): what the greedy keeps per unit of time. ``"sum"``:
+    the sum of the kept channels' scores (the threshold's objective); ``"log_share"``: the sum over
+    layers of log(share of its dense score the layer keeps), each share smoothed by one average
+    channel of the layer: halving any layer's score costs the same, so the last channels of an
+    expensive layer are not traded for the cheap channels of others (the starving that ``"sum"``
+    shows on a model whose scores are not yet sparse).
+
     ``resolution``: of the search over the selection's estimated latency (or the threshold's
     ratio). Other keyword arguments go to ``prune`` (criterion, min_channels, max_layer_ratio,
     round_to (an integer), ignore, compensate, optimizer, ...). Raises ValueError when even the
@@ -348,6 +409,11 @@ def prune_for_latency(model, example_inputs, latency_fraction, *, selection="lat
     fn = "prune_for_latency"
     if selection not in SELECTIONS:
         raise ValueError(f"slimcore.{fn}: selection must be one of {SELECTIONS}, got {selection!r}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"slimcore.{fn}: importance must be one of {IMPORTANCES}, got {importance!r}")
+    if selection == "threshold" and importance != "sum":
+        raise ValueError(f"slimcore.{fn}: importance={importance!r} is for selection='latency'; the threshold "
+                         "keeps the highest scores")
     optimizer = prune_kwargs.pop("optimizer", None)
     for key in ("check_latency", "select"):
         if key in prune_kwargs:
@@ -370,7 +436,7 @@ def prune_for_latency(model, example_inputs, latency_fraction, *, selection="lat
             final["latency_table"] = table
     else:
         prune(model, inputs, ratio=0.0, dry_run=True, **prune_kwargs)  # checks every option before any timing
-        chooser = LatencySelection(table)
+        chooser = LatencySelection(table, importance=importance)
         # r: the share of the dense estimate the selection removes
         relative = measured_fraction(model, inputs, table, deploy, fn,
                                      lambda r: pruned_copy(model, inputs, options, ratio=0.0, select=chooser.at(1.0 - r)))
@@ -390,5 +456,6 @@ def prune_for_latency(model, example_inputs, latency_fraction, *, selection="lat
     pruned = deployed_with(copy.deepcopy(model).eval(), deploy, fn)
     dense_s, pruned_s = table.time_models([dense, pruned], inputs)
     report.latency = {"target": fraction, "measured_fraction": pruned_s / dense_s, "dense_ms": dense_s * 1e3,
-                      "pruned_ms": pruned_s * 1e3, "estimated_fraction": estimated}
+                      "pruned_ms": pruned_s * 1e3, "estimated_fraction": estimated,
+                      "importance": importance if selection == "latency" else None}
     return report

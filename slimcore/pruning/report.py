@@ -50,7 +50,7 @@ class PruneReport:
     starved: list = field(default_factory=list)
     # Which decision chose the channels: "threshold" (ratio's global or per-layer threshold) or
     # "latency" (slimcore.prune_for_latency's latency-aware selection, which also fills ``latency``:
-    # the measured and estimated latency fractions of the result).
+    # the measured and estimated latency fractions of the result, and the importance it kept).
     selection: str = "threshold"
     latency: dict = None
 
@@ -92,7 +92,9 @@ class PruneReport:
             chosen = "the per-layer widths" if c["chosen"] == "auto" else f"round_to={c['chosen']}'s widths"
             lines.append(f"  whole model (ms): {times}; using {chosen}")
         if self.selection == "latency":
-            lines.append("  channels chosen by latency-aware selection (slimcore.prune_for_latency)")
+            importance = (self.latency or {}).get("importance") or "sum"
+            lines.append(f"  channels chosen by latency-aware selection (slimcore.prune_for_latency, importance "
+                         f"{importance})")
         if self.latency:
             c = self.latency
             lines.append(f"  latency: {c['measured_fraction']:.3f} of the dense model's as measured "
