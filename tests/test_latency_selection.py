@@ -83,7 +83,8 @@ def test_latency_selection_beats_the_threshold_where_channels_cost_differently(f
     dense = slimcore.profile(model, x)[0]
     assert dense == two_costs_macs(12, 12, 12)
     aware, threshold = copy.deepcopy(model), copy.deepcopy(model)
-    rep = slimcore.prune_for_latency(aware, x, fraction, latency_table=MacsTable(), resolution=0.01, compensate=False)
+    rep = slimcore.prune_for_latency(aware, x, fraction, latency_table=MacsTable(), resolution=0.01, compensate=False,
+                                     importance="sum")  # the threshold's own objective, compared below
     thr = slimcore.prune_for_latency(threshold, x, fraction, latency_table=MacsTable(), selection="threshold",
                                      resolution=0.01, compensate=False)
     assert (rep.selection, thr.selection) == ("latency", "threshold")
@@ -147,7 +148,7 @@ def test_on_vgg_the_budget_holds_and_at_least_the_thresholds_importance_stays():
     for fraction in (0.5, 0.3):
         aware, threshold = copy.deepcopy(model), copy.deepcopy(model)
         table = MacsTable()
-        rep = slimcore.prune_for_latency(aware, x, fraction, latency_table=table, resolution=0.02)
+        rep = slimcore.prune_for_latency(aware, x, fraction, latency_table=table, resolution=0.02, importance="sum")
         slimcore.prune_for_latency(threshold, x, fraction, latency_table=MacsTable(), selection="threshold",
                                    resolution=0.02)
         assert slimcore.profile(aware, x)[0] <= fraction * dense
@@ -233,11 +234,11 @@ def test_cli_prunes_with_latency_aware_selection(tmp_path, capsys, monkeypatch):
     assert rep["latency"]["measured_fraction"] > 0 and rep["ratio"] == rep["channels_removed_share"]
     model, meta = load_model(run / "prune-bn_scale-latency0.9-aware" / "model.pt")
     assert slimcore.profile(model, torch.zeros(1, *meta["input_shape"]))[0] == rep["flops_after"]
-    assert rep["latency"]["importance"] == "sum"
+    assert rep["latency"]["importance"] == "log_share"  # the default
     assert cli.main(["prune", "--run", str(run), "--latency", "0.9", "--selection", "latency",
-                     "--importance", "log_share", "--latency-batch", "8"]) == 0
-    rep = json.load(open(run / "prune-bn_scale-latency0.9-aware-log_share" / "report.json"))
-    assert rep["selection"] == "latency" and rep["latency"]["importance"] == "log_share"
+                     "--importance", "sum", "--latency-batch", "8"]) == 0
+    rep = json.load(open(run / "prune-bn_scale-latency0.9-aware-sum" / "report.json"))
+    assert rep["selection"] == "latency" and rep["latency"]["importance"] == "sum"
     capsys.readouterr()
     assert cli.main(["prune", "--run", str(run), "--ratio", "0.5", "--selection", "latency"]) == 2
     assert "give --latency with it" in capsys.readouterr().err

@@ -209,10 +209,11 @@ def parser():
                    help="with --latency: which channels go. threshold: the global threshold at the ratio that "
                         "meets the budget; latency: by importance per unit of measured per-layer latency "
                         "(slimcore.prune_for_latency). Stages: prune-<criterion>-latency<f>-aware")
-    p.add_argument("--importance", default="sum", choices=IMPORTANCES,
-                   help="with --selection latency: what the selection keeps per unit of time. sum: the kept "
-                        "channels' scores; log_share: the sum over layers of the log of each layer's kept share "
-                        "of its score (no layer starved). Stages: prune-<criterion>-latency<f>-aware-log_share")
+    p.add_argument("--importance", default=None, choices=IMPORTANCES,
+                   help="with --selection latency: what the selection keeps per unit of time. log_share "
+                        "(default): the sum over layers of the log of each layer's kept share of its score (no "
+                        "layer starved); sum: the kept channels' scores. Stages: prune-<criterion>-latency<f>-aware, "
+                        "-aware-sum with sum")
     p.add_argument("--name", default=None,
                    help="stage directory name (default prune-<ratio>, which `finetune --ratio` reads, or "
                         "prune-<criterion>-flops<f>, -channels<s> or -latency<f>; one ratio only). `finetune --stage NAME` fine-tunes it")
@@ -382,7 +383,7 @@ def cmd_prune(args):
         raise CLIError(f"give one of --ratio, --flops, --channels and --latency, not {' and '.join(given)}")
     if args.selection != "threshold" and args.latency is None:
         raise CLIError(f"--selection {args.selection} chooses channels for a latency budget: give --latency with it")
-    if args.importance != "sum" and args.selection != "latency":
+    if args.importance is not None and args.selection != "latency":
         raise CLIError(f"--importance {args.importance} is for --selection latency")
     searches = {"flops": None, "channels": None, "latency": None}
     for key in searches:

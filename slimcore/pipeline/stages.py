@@ -92,15 +92,15 @@ def filter_history(model, source_dir):
 
 def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", round_to=1, min_channels=1,
                 device="auto", out_dir=None, compensate=True, max_layer_ratio=1.0, latency_batch=64,
-                flops=None, channels=None, latency=None, selection="threshold", importance="sum"):
+                flops=None, channels=None, latency=None, selection="threshold", importance=None):
     """Prunes source_dir/model.pt at one ratio (or, with ``flops``, at the ratio that keeps that
     fraction of the FLOPs; with ``channels``, at the ratio that removes that share of the scored
     channels; with ``latency``, at the ratio whose BN-folded model runs in that fraction of the
     dense one's measured time) into out_dir (default run/prune-<ratio>, or
     run/prune-<criterion>-{flops,channels,latency}<f>); returns its report. With ``latency`` and
     ``selection="latency"``, slimcore.prune_for_latency chooses the channels instead of the
-    threshold (stage prune-<criterion>-latency<f>-aware, -aware-<importance> for an ``importance``
-    other than "sum"; its "ratio" is the share of channels removed). Under torchrun, rank 0
+    threshold (stage prune-<criterion>-latency<f>-aware with the default importance "log_share",
+    -aware-sum with "sum"; its "ratio" is the share of channels removed). Under torchrun, rank 0
     prunes and the others read its report."""
     rank, world = distributed()
     if flops is not None:
@@ -109,7 +109,7 @@ def prune_stage(run, source_dir, ratio, criterion="bn_scale", scope="global", ro
         default_name = f"prune-{criterion}-channels{channels:g}"
     elif latency is not None:
         default_name = f"prune-{criterion}-latency{latency:g}" + ("-aware" if selection == "latency" else "") \
-            + (f"-{importance}" if selection == "latency" and importance != "sum" else "")
+            + (f"-{importance}" if selection == "latency" and importance not in (None, "log_share") else "")
     else:
         default_name = f"prune-{ratio_name(ratio)}"
     out_dir = out_dir or os.path.join(run, default_name)
