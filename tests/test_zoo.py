@@ -192,3 +192,15 @@ def test_transformer_mlps_prune_exactly(name):
     hidden = [m.out_features for m in mlps]
     _, report = check_zoo_model(model, head="head", criterion="l1_filter")
     assert all(m.out_features < h for m, h in zip(mlps, hidden))
+
+
+def test_batchnorm_over_flattened_tokens_is_coupled_to_its_linear():
+    """LeViT's Linear + BatchNorm1d: ``bn(linear(x).flatten(0, 1)).reshape_as(x)``. The BN
+    normalises the linear's channels one to one, so it is coupled to it (as after a conv) and the
+    MLP's hidden width goes by bn_scale; taken as a selection BN, the reshape back to the linear's
+    width failed and froze nearly everything. The attention's q/k/v widths stay (view by heads,
+    split by key_dim), hence the lower share of prunable channels."""
+    model = timm.create_model("levit_128s", pretrained=False, img_size=SIZE)
+    hidden = {n: m.out_features for n, m in model.named_modules() if n.endswith("mlp.ln1.linear")}
+    model, report = check_zoo_model(model, head="head", min_share=0.7)
+    assert all(model.get_submodule(n).out_features < h for n, h in hidden.items())

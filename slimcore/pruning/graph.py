@@ -614,6 +614,10 @@ class _Rules:
         changed = tuple(in_shape) != tuple(out_shape)
         if changed and node.op != "expand" and not self.sized_by_python(node, out_shape, d):
             self.g.checks.append(node.index)
+        if block == outer == 1 and x in self.conv_out and len(self.c.users[x]) == 1:
+            # Still the layer's output, its channels one to one (a BatchNorm1d over tokens,
+            # linear(x).flatten(0, 1), as LeViT does): a BN reading it is coupled to the layer.
+            self.conv_out[node.outputs[0]] = self.conv_out[x]
         self.set(node.outputs[0], np.tile(np.repeat(inf.atoms, block), outer),
                  np.tile(np.repeat(inf.taint, block), outer), d)
 
