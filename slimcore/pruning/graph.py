@@ -636,8 +636,8 @@ class _Rules:
     def op_bmm(self, node):
         """A @ B over the last two dims ([b,] n, k @ [b,] k, m). Channels along k in both (attention
         scores q^T k) go together; channels of A's rows or B's columns stay channels of the
-        output's rows or columns. A contraction against an untracked side, or two live channel
-        dims in the output, has no rule."""
+        output's rows or columns. Channels contracted against an untracked side stay (the other
+        side's rows or columns still pass); two live channel dims in the output have no rule."""
         a, b = node.args[0].id, node.args[1].id
         nd = len(self.shape(a))
         ia, ib = self.info.get(a), self.info.get(b)
@@ -645,8 +645,17 @@ class _Rules:
         db = None if ib is None else ib.dim - (nd - 2)  # 0: the contracted dim, 1: columns
         if (ia is not None and da < 0) or (ib is not None and db < 0):
             return self.opaque(node, "matrix products with channels along the batch dim")
-        if (da == 1) != (db == 0):  # channels contracted against values that are not channels
-            return self.opaque(node, "matrix products contracting channels with untracked values")
+        if (da == 1) != (db == 0):
+            # Channels contracted against values that are not channels (a global-context block's
+            # x @ softmax(attention map), whose single attention channel lies along the pixels): those
+            # stay, the other side's row or column channels still pass through.
+            side = ia if da == 1 else ib
+            self.g.freeze(side.atoms, "matrix products contracting channels with untracked values",
+                          self.where(node))
+            if da == 1:
+                ia = da = None
+            else:
+                ib = db = None
         out = node.outputs[0]
         if da == 1:
             if len(ia.atoms) != len(ib.atoms):
