@@ -34,8 +34,9 @@ TIMM = [
     ("res2net50_14w_8s", "bn_scale"), ("selecsls42b", "bn_scale"), ("gernet_s", "bn_scale"),
     ("repvgg_a0", "bn_scale"), ("xception41", "bn_scale"), ("densenet121", "bn_scale"),
     ("convnext_atto", "l1_filter"),
-    # global-context attention: x @ softmax(conv(x)) over the pixels
-    ("gcresnet33ts", "bn_scale"), ("gc_efficientnetv2_rw_t", "bn_scale"),
+    # global-context attention (x @ softmax(conv(x)) over the pixels) and lambda layers (sizes the
+    # pruned copy fails on between ops, reshape(B, C, H, W) with C of the block's input)
+    ("gcresnet33ts", "bn_scale"), ("gc_efficientnetv2_rw_t", "bn_scale"), ("lambda_resnet26t", "bn_scale"),
 ]
 YOLO = ["yolov8n", "yolo11n", "yolov8n-seg", "yolo11n-seg", "yolov8n-pose", "yolo11n-pose", "yolov8n-cls",
         "yolo11n-cls"]

@@ -1185,7 +1185,14 @@ def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
     if failure is not None:
         key = getattr(failure, "failed_key", None)
         node = None
-        if key is not None:
+        if key is not None and key[1] is None:
+            # No op was running: the dense node at the same place in that module's ops stands for
+            # the failing line (the op it would have dispatched), so its channels can be frozen.
+            stack = key[0]
+            ran = sum(1 for n in new.nodes if n.stack == stack)
+            dense = [n for n in cap.nodes if n.stack == stack]
+            node = dense[ran] if ran < len(dense) else None
+        elif key is not None:
             occurrence = sum(1 for n in new.nodes if (n.stack, n.op) == key)
             i = next((i for i, k in enumerate(keys) if k == (key, occurrence)), None)
             node = cap.nodes[i] if i is not None else None
