@@ -207,3 +207,27 @@ def test_batchnorm_over_flattened_tokens_is_coupled_to_its_linear():
     hidden = {n: m.out_features for n, m in model.named_modules() if n.endswith("mlp.ln1.linear")}
     model, report = check_zoo_model(model, head="head", min_share=0.7)
     assert all(model.get_submodule(n).out_features < h for n, h in hidden.items())
+
+
+def test_whole_torchvision_detector_prunes_exactly():
+    """A detector with its post-processing (score threshold, top-k, NMS): sizes after those depend
+    on the data, so the pruned copy's size check follows only the channel sizes there. The
+    detections themselves turn on float ties of random-init scores; the dense layers (backbone,
+    head) must match the dense model with the removed channels zeroed."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = randomize_batchnorms(torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None)).eval()
+    images = [torch.randn(3, SIZE, SIZE), torch.randn(3, SIZE, SIZE)]
+    dense = copy.deepcopy(model)
+    report = slimcore.prune(model, (images,), ratio=0.4, compensate=False)
+    zero_removed(dense, report.removed)
+    x = torch.randn(2, 3, 320, 320)
+    with torch.no_grad():
+        got = model.head(list(model.backbone(x).values()))
+        want = dense.head(list(dense.backbone(x).values()))
+        detections = model(images)
+    for key in ("cls_logits", "bbox_regression"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4 * float(want[key].abs().max()))
+    assert len(detections) == 2 and detections[0]["boxes"].shape[1] == 4
+    assert report.params_after < 0.8 * report.params_before
