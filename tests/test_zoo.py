@@ -197,6 +197,14 @@ def test_transformer_mlps_prune_exactly(name):
     assert all(m.out_features < h for m, h in zip(mlps, hidden))
 
 
+def test_relative_position_tables_survive_the_size_check():
+    """lambda_resnet26rpt_256 indexes its relative position table with an integer buffer. The size
+    check runs the pruned copy on uninitialised CPU memory when the meta device cannot (here:
+    values read by the model's Python); index buffers keep their values there, else the copy
+    indexed out of bounds and prune raised."""
+    check_zoo_model(timm.create_model("lambda_resnet26rpt_256", pretrained=False, img_size=SIZE), head="head")
+
+
 def test_batchnorm_over_flattened_tokens_is_coupled_to_its_linear():
     """LeViT's Linear + BatchNorm1d: ``bn(linear(x).flatten(0, 1)).reshape_as(x)``. The BN
     normalises the linear's channels one to one, so it is coupled to it (as after a conv) and the

@@ -1061,14 +1061,20 @@ def analyze(model, example_inputs, ignore=(), leaf_modules=(), keep_outputs=None
 
 def meta_copy(model, device="meta"):
     """A structural copy of ``model``: every module copied (its attributes shallowly), parameters
-    and buffers replaced by meta tensors (no data) or uninitialised ones on ``device``. Far
+    and buffers replaced by meta tensors (no data) or uninitialised ones on ``device`` (integer
+    ones, index tables, keep their values there). Far
     cheaper than copy.deepcopy, which copies every attribute of every module deeply."""
     tensors, modules = {}, {}
 
     def data_less(t):
         new = tensors.get(id(t))
         if new is None:
-            new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            if device != "meta" and not (t.is_floating_point() or t.is_complex()):
+                # integer tensors are index tables (relative position indices): garbage there would
+                # index out of bounds; they hold no channels, so their values are kept
+                new = t.detach().to(device, copy=True)
+            else:
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
             if isinstance(t, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=t.requires_grad)
             tensors[id(t)] = new
