@@ -197,6 +197,16 @@ def test_transformer_mlps_prune_exactly(name):
     assert all(m.out_features < h for m, h in zip(mlps, hidden))
 
 
+@pytest.mark.parametrize("name", ["nest_tiny", "hiera_tiny_224", "convit_tiny", "tnt_s_legacy_patch16_224"])
+def test_layers_reading_untracked_layouts_still_prune_their_outputs(name):
+    """Transformers whose tokens pass through layouts the channel rules do not follow (NesT's and
+    Hiera's blocked [B, T, N, C], ConViT's gated attention, TNT's pixel tokens): the MLP's fc1
+    reads an untracked tensor, so its input features stay, but its outputs are its own channels
+    and go by l1_filter. They were frozen with the input, and nothing was cut."""
+    model = timm.create_model(name, pretrained=False, img_size=SIZE)
+    check_zoo_model(model, head="head", criterion="l1_filter")
+
+
 def test_relative_position_tables_survive_the_size_check():
     """lambda_resnet26rpt_256 indexes its relative position table with an integer buffer. The size
     check runs the pruned copy on uninitialised CPU memory when the meta device cannot (here:

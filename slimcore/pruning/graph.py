@@ -422,10 +422,13 @@ class _Rules:
         inp = self.info.get(x)
         if self.ignored(name):
             return self.opaque(node, "ignored modules keep their channels")
-        if inp is None or inp.dim != 1 or len(inp.atoms) != m.in_channels:
-            return self.opaque(node, "convs reading untracked tensors keep their channels")
-        self.consume(inp, f"conv '{name}'", node)
         g = m.groups
+        if inp is None or inp.dim != 1 or len(inp.atoms) != m.in_channels:
+            if g != 1:
+                return self.opaque(node, "convs reading untracked tensors keep their channels")
+            inp = self.untracked_input(inp, m.in_channels, "convs reading untracked tensors keep their input channels",
+                                       node)
+        self.consume(inp, f"conv '{name}'", node)
         if g == 1:
             atoms = self.module_out.get(name)
             if atoms is None:
@@ -455,6 +458,14 @@ class _Rules:
         self.g.node_module[node.index] = (name, "producer")
         self.set(out, atoms, np.zeros(len(atoms), dtype=bool), 1)
 
+    def untracked_input(self, inp, n, cause, node):
+        """A conv/linear input whose channels are not where the layer reads them (a blocked layout
+        [B, T, N, C] after an untracked reshape, a token-mixing input): what it holds is frozen and
+        the layer reads n frozen channels. Its output channels are still its own, prunable."""
+        atoms = self.g.new_atoms(n, None, frozen=inp is not None)
+        self.g.freeze(inp.atoms if inp is not None else atoms, cause, self.where(node))
+        return ChannelInfo(atoms, np.zeros(n, dtype=bool), 1)
+
     def linear(self, node, name, m, x, out):
         self.macs(name, m, x, out)
         inp = self.info.get(x)
@@ -462,7 +473,8 @@ class _Rules:
         if self.ignored(name):
             return self.opaque(node, "ignored modules keep their channels")
         if inp is None or inp.dim != len(self.shape(x)) - 1 or len(inp.atoms) != m.in_features:
-            return self.opaque(node, "linears reading untracked tensors keep their features")
+            inp = self.untracked_input(inp, m.in_features, "linears reading untracked tensors keep their input features",
+                                       node)
         self.consume(inp, f"linear '{name}'", node)
         atoms = self.module_out.get(name)
         if atoms is None:
