@@ -163,7 +163,7 @@ def build(name, size):
         short = name.split(":", 1)[1]
         model = getattr(torchvision.models.detection, short)(weights=None, weights_backbone=None,
                                                              **TORCHVISION_DETECTION[short])
-        side = size or 128
+        side = size or 320  # SSD300's VGG backbone needs more than 64
         if name.startswith("tvdetbb:"):  # the backbone (with its FPN) alone, as one prunes it for a detector
             return model.backbone, torch.randn(2, 3, side, side), None
         return model, ([torch.randn(3, side, side), torch.randn(3, side, side)],), None
