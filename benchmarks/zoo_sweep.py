@@ -1,6 +1,6 @@
 """Does slimcore.prune work on models no test names? A sweep over timm and torchvision.
 
-Run from the repository root (CPU, one thread; takes about an hour for the whole list)::
+Run from the repository root (CPU, one thread; the whole list takes about 10 minutes)::
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/zoo_sweep.py            # all models
     python benchmarks/zoo_sweep.py --only ghostnet_050 tv:resnet18          # a few, by name
