@@ -473,8 +473,8 @@ class _Rules:
         if self.ignored(name):
             return self.opaque(node, "ignored modules keep their channels")
         if inp is None or inp.dim != len(self.shape(x)) - 1 or len(inp.atoms) != m.in_features:
-            inp = self.untracked_input(inp, m.in_features, "linears reading untracked tensors keep their input features",
-                                       node)
+            inp = self.untracked_input(inp, m.in_features,
+                                       "linears reading untracked tensors keep their input features", node)
         self.consume(inp, f"linear '{name}'", node)
         atoms = self.module_out.get(name)
         if atoms is None:
@@ -1197,7 +1197,8 @@ def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
             continue
         got = [tuple(new.shapes[v]) for v in twin.outputs]
         want = [expected_shape(graph, v, kept_atom) for v in node.outputs]
-        if got != want and (i < data_dependent or not _follows_plan(got, want, [cap.shapes[v] for v in node.outputs])):
+        dense = [cap.shapes[v] for v in node.outputs]
+        if got != want and (i < data_dependent or not _follows_plan(got, want, dense)):
             mismatches.append(SizeMismatch(
                 node, size_changes(graph, node, kept_atom),
                 f"aten.{node.op} in {_where(node)} gives sizes {got} where the plan needs {want}"))
@@ -1222,10 +1223,11 @@ def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
     return mismatches
 
 
-# Ops whose output sizes depend on the values (score thresholds, NMS, .item()). The data-less
-# copy of the pruned model gets other sizes from them, and may take other paths after them.
+# Ops whose output sizes depend on the values (score thresholds, NMS). The data-less copy of the
+# pruned model gets other sizes from them, and may take other paths after them. (.item() is left
+# out: models read scalars for other reasons, and the check after it would be weaker.)
 _DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique_dim", "_unique", "_unique2", "unique_consecutive",
-                   "_local_scalar_dense", "is_nonzero", "repeat_interleave", "nms", "batched_nms"}
+                   "repeat_interleave", "nms", "batched_nms"}
 
 
 def _first_data_dependent(cap):
@@ -1233,9 +1235,9 @@ def _first_data_dependent(cap):
     for node in cap.nodes:
         if node.op in _DATA_DEPENDENT:
             return node.index
-        if node.op in ("index", "_index_put_impl", "index_put") and len(node.args) > 1 and isinstance(
-                node.args[1], (list, tuple)) and any(isinstance(a, Ref) and cap.dtypes[a.id] in (torch.bool, torch.uint8)
-                                                     for a in node.args[1]):
+        indices = node.args[1] if node.op in ("index", "_index_put_impl", "index_put") and len(node.args) > 1 else ()
+        if isinstance(indices, (list, tuple)) and any(
+                isinstance(a, Ref) and cap.dtypes[a.id] in (torch.bool, torch.uint8) for a in indices):
             return node.index
     return len(cap.nodes)
 
