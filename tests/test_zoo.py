@@ -34,6 +34,9 @@ TIMM = [
     ("res2net50_14w_8s", "bn_scale"), ("selecsls42b", "bn_scale"), ("gernet_s", "bn_scale"),
     ("repvgg_a0", "bn_scale"), ("xception41", "bn_scale"), ("densenet121", "bn_scale"),
     ("convnext_atto", "l1_filter"),
+    # global-context attention (x @ softmax(conv(x)) over the pixels) and lambda layers (sizes the
+    # pruned copy fails on between ops, reshape(B, C, H, W) with C of the block's input)
+    ("gcresnet33ts", "bn_scale"), ("gc_efficientnetv2_rw_t", "bn_scale"), ("lambda_resnet26t", "bn_scale"),
 ]
 YOLO = ["yolov8n", "yolo11n", "yolov8n-seg", "yolo11n-seg", "yolov8n-pose", "yolo11n-pose", "yolov8n-cls",
         "yolo11n-cls"]
@@ -192,3 +195,57 @@ def test_transformer_mlps_prune_exactly(name):
     hidden = [m.out_features for m in mlps]
     _, report = check_zoo_model(model, head="head", criterion="l1_filter")
     assert all(m.out_features < h for m, h in zip(mlps, hidden))
+
+
+@pytest.mark.parametrize("name", ["nest_tiny", "hiera_tiny_224", "convit_tiny", "tnt_s_legacy_patch16_224"])
+def test_layers_reading_untracked_layouts_still_prune_their_outputs(name):
+    """Transformers whose tokens pass through layouts the channel rules do not follow (NesT's and
+    Hiera's blocked [B, T, N, C], ConViT's gated attention, TNT's pixel tokens): the MLP's fc1
+    reads an untracked tensor, so its input features stay, but its outputs are its own channels
+    and go by l1_filter. They were frozen with the input, and nothing was cut."""
+    model = timm.create_model(name, pretrained=False, img_size=SIZE)
+    check_zoo_model(model, head="head", criterion="l1_filter")
+
+
+def test_relative_position_tables_survive_the_size_check():
+    """lambda_resnet26rpt_256 indexes its relative position table with an integer buffer. The size
+    check runs the pruned copy on uninitialised CPU memory when the meta device cannot (here:
+    values read by the model's Python); index buffers keep their values there, else the copy
+    indexed out of bounds and prune raised."""
+    check_zoo_model(timm.create_model("lambda_resnet26rpt_256", pretrained=False, img_size=SIZE), head="head")
+
+
+def test_batchnorm_over_flattened_tokens_is_coupled_to_its_linear():
+    """LeViT's Linear + BatchNorm1d: ``bn(linear(x).flatten(0, 1)).reshape_as(x)``. The BN
+    normalises the linear's channels one to one, so it is coupled to it (as after a conv) and the
+    MLP's hidden width goes by bn_scale; taken as a selection BN, the reshape back to the linear's
+    width failed and froze nearly everything. The attention's q/k/v widths stay (view by heads,
+    split by key_dim), hence the lower share of prunable channels."""
+    model = timm.create_model("levit_128s", pretrained=False, img_size=SIZE)
+    hidden = {n: m.out_features for n, m in model.named_modules() if n.endswith("mlp.ln1.linear")}
+    model, report = check_zoo_model(model, head="head", min_share=0.7)
+    assert all(model.get_submodule(n).out_features < h for n, h in hidden.items())
+
+
+def test_whole_torchvision_detector_prunes_exactly():
+    """A detector with its post-processing (score threshold, top-k, NMS): sizes after those depend
+    on the data, so the pruned copy's size check follows only the channel sizes there. The
+    detections themselves turn on float ties of random-init scores; the dense layers (backbone,
+    head) must match the dense model with the removed channels zeroed."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = randomize_batchnorms(torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None)).eval()
+    images = [torch.randn(3, SIZE, SIZE), torch.randn(3, SIZE, SIZE)]
+    dense = copy.deepcopy(model)
+    report = slimcore.prune(model, (images,), ratio=0.4, compensate=False)
+    zero_removed(dense, report.removed)
+    x = torch.randn(2, 3, 320, 320)
+    with torch.no_grad():
+        got = model.head(list(model.backbone(x).values()))
+        want = dense.head(list(dense.backbone(x).values()))
+        detections = model(images)
+    for key in ("cls_logits", "bbox_regression"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4 * float(want[key].abs().max()))
+    assert len(detections) == 2 and detections[0]["boxes"].shape[1] == 4
+    assert report.params_after < 0.8 * report.params_before

@@ -24,6 +24,7 @@ a value (``.item()``, ``nonzero``), the capture starts again computing everythin
 """
 
 import os
+import sys
 import traceback
 import weakref
 from dataclasses import dataclass, field
@@ -193,6 +194,7 @@ class _Recorder(TorchDispatchMode):
         self.pycall = None
         self.meta_cache = {}
         self.current = None  # (module stack, op) of the op running, for a failure's report
+        self.unwinding = None  # module stack where an exception started unwinding the module calls
 
     # -- values ----------------------------------------------------------------------------------
     def new_value(self, t, node_index, garbage=False, register=True):
@@ -377,6 +379,7 @@ class _Recorder(TorchDispatchMode):
         name = self.names.get(id(module))
         if name is None:
             return
+        self.unwinding = None
         if self.leaf_depth is None:
             ins = [self.ref(a) if isinstance(a, torch.Tensor) else None for a in args]
             call = Call(name, ins, start=len(self.c.nodes))
@@ -390,6 +393,8 @@ class _Recorder(TorchDispatchMode):
         name = self.names.get(id(module))
         if name is None or not self.stack or self.stack[-1] != name:
             return
+        if self.unwinding is None and sys.exc_info()[1] is not None:  # called as the forward raises
+            self.unwinding = tuple(self.stack)
         self.stack.pop()
         if self.leaf_depth is not None and self.leaf_depth < len(self.stack):
             return  # inside a leaf
@@ -740,7 +745,10 @@ def _run(model, inputs, leaf_types, leaf_ids, shape_only):
         failure = TraceFailure(
             f"slimcore could not capture {type(model).__name__}: running it on example_inputs raised "
             f"{type(exc).__name__}: {exc}" + (f"\n  at {where}" if where else ""))
-        failure.partial, failure.failed_key = c, rec.current  # what ran before it failed, and where
+        # what ran before it failed, and where: the op running, or (the model's Python failed
+        # between ops, e.g. reshape's size check) the module stack with no op
+        failure.partial = c
+        failure.failed_key = rec.current if rec.current is not None else (rec.unwinding or tuple(rec.stack), None)
         raise failure from exc
     finally:
         pre.remove()

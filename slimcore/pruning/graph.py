@@ -422,10 +422,13 @@ class _Rules:
         inp = self.info.get(x)
         if self.ignored(name):
             return self.opaque(node, "ignored modules keep their channels")
-        if inp is None or inp.dim != 1 or len(inp.atoms) != m.in_channels:
-            return self.opaque(node, "convs reading untracked tensors keep their channels")
-        self.consume(inp, f"conv '{name}'", node)
         g = m.groups
+        if inp is None or inp.dim != 1 or len(inp.atoms) != m.in_channels:
+            if g != 1:
+                return self.opaque(node, "convs reading untracked tensors keep their channels")
+            inp = self.untracked_input(inp, m.in_channels, "convs reading untracked tensors keep their input channels",
+                                       node)
+        self.consume(inp, f"conv '{name}'", node)
         if g == 1:
             atoms = self.module_out.get(name)
             if atoms is None:
@@ -455,6 +458,14 @@ class _Rules:
         self.g.node_module[node.index] = (name, "producer")
         self.set(out, atoms, np.zeros(len(atoms), dtype=bool), 1)
 
+    def untracked_input(self, inp, n, cause, node):
+        """A conv/linear input whose channels are not where the layer reads them (a blocked layout
+        [B, T, N, C] after an untracked reshape, a token-mixing input): what it holds is frozen and
+        the layer reads n frozen channels. Its output channels are still its own, prunable."""
+        atoms = self.g.new_atoms(n, None, frozen=inp is not None)
+        self.g.freeze(inp.atoms if inp is not None else atoms, cause, self.where(node))
+        return ChannelInfo(atoms, np.zeros(n, dtype=bool), 1)
+
     def linear(self, node, name, m, x, out):
         self.macs(name, m, x, out)
         inp = self.info.get(x)
@@ -462,7 +473,8 @@ class _Rules:
         if self.ignored(name):
             return self.opaque(node, "ignored modules keep their channels")
         if inp is None or inp.dim != len(self.shape(x)) - 1 or len(inp.atoms) != m.in_features:
-            return self.opaque(node, "linears reading untracked tensors keep their features")
+            inp = self.untracked_input(inp, m.in_features,
+                                       "linears reading untracked tensors keep their input features", node)
         self.consume(inp, f"linear '{name}'", node)
         atoms = self.module_out.get(name)
         if atoms is None:
@@ -614,6 +626,10 @@ class _Rules:
         changed = tuple(in_shape) != tuple(out_shape)
         if changed and node.op != "expand" and not self.sized_by_python(node, out_shape, d):
             self.g.checks.append(node.index)
+        if block == outer == 1 and x in self.conv_out and len(self.c.users[x]) == 1:
+            # Still the layer's output, its channels one to one (a BatchNorm1d over tokens,
+            # linear(x).flatten(0, 1), as LeViT does): a BN reading it is coupled to the layer.
+            self.conv_out[node.outputs[0]] = self.conv_out[x]
         self.set(node.outputs[0], np.tile(np.repeat(inf.atoms, block), outer),
                  np.tile(np.repeat(inf.taint, block), outer), d)
 
@@ -632,8 +648,8 @@ class _Rules:
     def op_bmm(self, node):
         """A @ B over the last two dims ([b,] n, k @ [b,] k, m). Channels along k in both (attention
         scores q^T k) go together; channels of A's rows or B's columns stay channels of the
-        output's rows or columns. A contraction against an untracked side, or two live channel
-        dims in the output, has no rule."""
+        output's rows or columns. Channels contracted against an untracked side stay (the other
+        side's rows or columns still pass); two live channel dims in the output have no rule."""
         a, b = node.args[0].id, node.args[1].id
         nd = len(self.shape(a))
         ia, ib = self.info.get(a), self.info.get(b)
@@ -641,8 +657,17 @@ class _Rules:
         db = None if ib is None else ib.dim - (nd - 2)  # 0: the contracted dim, 1: columns
         if (ia is not None and da < 0) or (ib is not None and db < 0):
             return self.opaque(node, "matrix products with channels along the batch dim")
-        if (da == 1) != (db == 0):  # channels contracted against values that are not channels
-            return self.opaque(node, "matrix products contracting channels with untracked values")
+        if (da == 1) != (db == 0):
+            # Channels contracted against values that are not channels (a global-context block's
+            # x @ softmax(attention map), whose single attention channel lies along the pixels): those
+            # stay, the other side's row or column channels still pass through.
+            side = ia if da == 1 else ib
+            self.g.freeze(side.atoms, "matrix products contracting channels with untracked values",
+                          self.where(node))
+            if da == 1:
+                ia = da = None
+            else:
+                ib = db = None
         out = node.outputs[0]
         if da == 1:
             if len(ia.atoms) != len(ib.atoms):
@@ -1048,14 +1073,20 @@ def analyze(model, example_inputs, ignore=(), leaf_modules=(), keep_outputs=None
 
 def meta_copy(model, device="meta"):
     """A structural copy of ``model``: every module copied (its attributes shallowly), parameters
-    and buffers replaced by meta tensors (no data) or uninitialised ones on ``device``. Far
+    and buffers replaced by meta tensors (no data) or uninitialised ones on ``device`` (integer
+    ones, index tables, keep their values there). Far
     cheaper than copy.deepcopy, which copies every attribute of every module deeply."""
     tensors, modules = {}, {}
 
     def data_less(t):
         new = tensors.get(id(t))
         if new is None:
-            new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            if device != "meta" and not (t.is_floating_point() or t.is_complex()):
+                # integer tensors are index tables (relative position indices): garbage there would
+                # index out of bounds; they hold no channels, so their values are kept
+                new = t.detach().to(device, copy=True)
+            else:
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
             if isinstance(t, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=t.requires_grad)
             tensors[id(t)] = new
@@ -1157,6 +1188,7 @@ def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
     match = _NodeMatch(cap, new)
     checks = sorted(set(graph.checks) | {cap.producer[v] for v in cap.outputs})
     unverified, mismatches = [], []
+    data_dependent = _first_data_dependent(cap)
     for i in checks:
         node = cap.nodes[i]
         twin = match(i)
@@ -1165,14 +1197,22 @@ def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
             continue
         got = [tuple(new.shapes[v]) for v in twin.outputs]
         want = [expected_shape(graph, v, kept_atom) for v in node.outputs]
-        if got != want:
+        dense = [cap.shapes[v] for v in node.outputs]
+        if got != want and (i < data_dependent or not _follows_plan(got, want, dense)):
             mismatches.append(SizeMismatch(
                 node, size_changes(graph, node, kept_atom),
                 f"aten.{node.op} in {_where(node)} gives sizes {got} where the plan needs {want}"))
     if failure is not None:
         key = getattr(failure, "failed_key", None)
         node = None
-        if key is not None:
+        if key is not None and key[1] is None:
+            # No op was running: the dense node at the same place in that module's ops stands for
+            # the failing line (the op it would have dispatched), so its channels can be frozen.
+            stack = key[0]
+            ran = sum(1 for n in new.nodes if n.stack == stack)
+            dense = [n for n in cap.nodes if n.stack == stack]
+            node = dense[ran] if ran < len(dense) else None
+        elif key is not None:
             occurrence = sum(1 for n in new.nodes if (n.stack, n.op) == key)
             i = next((i for i, k in enumerate(keys) if k == (key, occurrence)), None)
             node = cap.nodes[i] if i is not None else None
@@ -1181,6 +1221,36 @@ def verify(graph, pruned_meta, example_inputs, kept_atom, device="meta"):
                 node, size_changes(graph, node, kept_atom) if node is not None else {},
                 f"the pruned model does not run: {failure.__cause__ or failure}", unverified))
     return mismatches
+
+
+# Ops whose output sizes depend on the values (score thresholds, NMS). The data-less copy of the
+# pruned model gets other sizes from them, and may take other paths after them. (.item() is left
+# out: models read scalars for other reasons, and the check after it would be weaker.)
+_DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique_dim", "_unique", "_unique2", "unique_consecutive",
+                   "repeat_interleave", "nms", "batched_nms"}
+
+
+def _first_data_dependent(cap):
+    """Index of the first node whose output sizes depend on values (boolean-mask indexing too)."""
+    for node in cap.nodes:
+        if node.op in _DATA_DEPENDENT:
+            return node.index
+        indices = node.args[1] if node.op in ("index", "_index_put_impl", "index_put") and len(node.args) > 1 else ()
+        if isinstance(indices, (list, tuple)) and any(
+                isinstance(a, Ref) and cap.dtypes[a.id] in (torch.bool, torch.uint8) for a in indices):
+            return node.index
+    return len(cap.nodes)
+
+
+def _follows_plan(got, want, dense):
+    """After a data-dependent op: the pruned copy's sizes are wrong only where the plan changes a
+    size (a channel count) and the copy does not follow it; other sizes may come from the data."""
+    if len(got) != len(want):
+        return True  # another path through the code (nothing detected): not a channel question
+    for g, w, d in zip(got, want, dense):
+        if len(g) == len(w) and any(gj != wj for gj, wj, dj in zip(g, w, d) if wj != dj):
+            return False
+    return True
 
 
 def _where(node):
