@@ -33,10 +33,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .. import reference
 from .._modules import parent_module
 from ..pruning.modules import LEAF_MODULES, SELECTED_BATCHNORM
 from ..pruning.widths import interleaved_seconds
-from .deploy_fusion import fuse_conv_activations, fuse_conv_adds
+from .deploy_fusion import fuse_conv_activations, fuse_conv_adds, module_call_counts, sole_activation
 from .fold import fold_bn
 from .modules import ChannelAffine
 
@@ -85,10 +86,7 @@ def _fuse_traced(model, graph, portable, fuse_activations):
     ChannelAffine (activations fused where the graph allows) and identities dropped."""
     gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
     modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     fused, activations, replaced = [], {}, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
@@ -102,9 +100,8 @@ def _fuse_traced(model, graph, portable, fuse_activations):
             continue
         act, user = "none", None
         # A BN called more than once shares one module: fuse an activation only into a single call.
-        if fuse_activations and calls[node.target] == 1 and len(node.users) == 1:
-            user = next(iter(node.users))
-            act = _activation_of(user, modules, node) or "none"
+        if fuse_activations and calls[node.target] == 1:
+            act, user = sole_activation(node, modules, _activation_of, reference.ACTIVATIONS)
         if node.target not in replaced:
             replaced[node.target] = ChannelAffine.from_batchnorm(m, act, portable)
             gm.add_submodule(node.target, replaced[node.target])

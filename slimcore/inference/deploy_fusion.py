@@ -198,6 +198,26 @@ class Conv2dAct(nn.Conv2d):
         return super().extra_repr() + f", activation={self.activation}" + (", portable" if self.portable else "")
 
 
+def module_call_counts(gm):
+    """{module name: how many call_module nodes of ``gm``'s graph call it} (a module called more
+    than once is shared: it cannot be swapped for one of its calls alone)."""
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def sole_activation(node, modules, activation_of, fusable):
+    """(activation name, its node) when the only reader of ``node``'s output is an activation
+    ``activation_of(user, modules, node)`` names and ``fusable`` contains, else ("none", None)."""
+    if len(node.users) != 1:
+        return "none", None
+    user = next(iter(node.users))
+    act = activation_of(user, modules, node)
+    return (act, user) if act in fusable and act != "none" else ("none", None)
+
+
 def _add_operands(node):
     """(a, b, in_place) if ``node`` computes a + b of two fx nodes (no alpha), else None."""
     if len(node.args) != 2 or node.kwargs:
@@ -257,10 +277,7 @@ def fuse_conv_adds(gm, example_inputs, activation_of, portable=False, fuse_activ
     later readers of ``other`` see the sum), broadcasting adds.
     """
     modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
@@ -287,12 +304,8 @@ def fuse_conv_adds(gm, example_inputs, activation_of, portable=False, fuse_activ
                 continue
             if out_meta.shape != other_meta.shape or out_meta.dtype != other_meta.dtype or sum_meta.shape != out_meta.shape:
                 continue
-            act, user = "none", None
-            if fuse_activations and len(node.users) == 1:
-                user = next(iter(node.users))
-                act = activation_of(user, modules, node) or "none"
-                if act not in _ONEDNN_ACTIVATIONS:
-                    act = "none"
+            act, user = sole_activation(node, modules, activation_of, _ONEDNN_ACTIVATIONS) \
+                if fuse_activations else ("none", None)
             order = {n: i for i, n in enumerate(gm.graph.nodes)}
             into_other = conv_node.args[0] is not other and _writable_after(other, node, order, modules)
             replacement = Conv2dAdd.from_conv(conv, act, portable, writes_into_other=into_other)
@@ -325,10 +338,7 @@ def fuse_conv_activations(gm, activation_of, portable=False, fuse_activations=Tr
     fuse_conv_adds (which takes the convs feeding an add). Returns {conv name: activation}.
     """
     modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     fused = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -337,12 +347,8 @@ def fuse_conv_activations(gm, activation_of, portable=False, fuse_activations=Tr
         if type(conv) is not nn.Conv2d or calls[node.target] != 1 or conv.padding_mode != "zeros" \
                 or isinstance(conv.padding, str):
             continue
-        act, user = "none", None
-        if fuse_activations and len(node.users) == 1:
-            user = next(iter(node.users))
-            act = activation_of(user, modules, node) or "none"
-            if act not in _ONEDNN_UNARY:
-                act = "none"
+        act, user = sole_activation(node, modules, activation_of, _ONEDNN_UNARY) \
+            if fuse_activations else ("none", None)
         if act == "none" and not plain_convs:
             continue
         replacement = Conv2dAct.from_conv(conv, act, portable)
