@@ -190,24 +190,13 @@ def build(name, size):
     return model, torch.randn(2, 3, side, side), classifier.split(".")[0]
 
 
-def flat(out):
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for a in out for t in flat(a)]
-    return []
-
-
 DETECTION_PROBES = ("backbone", "head", "rpn.head")
 
 
 def probe_outputs(model, args):
     """The outputs of a detector's DETECTION_PROBES submodules on one forward."""
     import torch
+    from helpers import flat_outputs  # tests/helpers.py (check puts tests/ on the path)
 
     outs, handles = [], []
     for probe in DETECTION_PROBES:
@@ -215,7 +204,7 @@ def probe_outputs(model, args):
             module = model.get_submodule(probe)
         except AttributeError:
             continue
-        handles.append(module.register_forward_hook(lambda m, a, out: outs.extend(flat(out))))
+        handles.append(module.register_forward_hook(lambda m, a, out: outs.extend(flat_outputs(out))))
     with torch.no_grad():
         model(*args)
     for h in handles:
@@ -229,7 +218,7 @@ def check(name):
     from torch import nn
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from helpers import randomize_batchnorms, zero_removed
+    from helpers import flat_outputs, randomize_batchnorms, zero_removed
 
     import slimcore
 
@@ -246,7 +235,7 @@ def check(name):
                     model, x, head = build(name, size)
                     model = randomize_batchnorms(model).eval()
                     with torch.no_grad():
-                        want = flat(model(*(x if isinstance(x, tuple) else (x,))))
+                        want = flat_outputs(model(*(x if isinstance(x, tuple) else (x,))))
                 break
             except Exception as e:
                 if size is None:
@@ -265,7 +254,7 @@ def check(name):
         zero_removed(dense, report.removed)
         args = x if isinstance(x, tuple) else (x,)
         with torch.no_grad():
-            got, want = flat(model(*args)), flat(dense(*args))
+            got, want = flat_outputs(model(*args)), flat_outputs(dense(*args))
         if name.startswith("tvdet:"):
             # Random-init detectors score boxes nearly alike, so the kept detections turn on float
             # ties: compare what the dense layers compute (backbone and FPN, dense heads) instead.

@@ -74,6 +74,17 @@ def devices():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+def flat_outputs(out):
+    """The tensors of a model's output (nested tuples, lists and dict values), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for a in out for t in flat_outputs(a)]
+    return []
+
+
 def randomize_batchnorms(model, seed=0):
     """Random gamma, beta and running statistics, so a BN is not the identity and |gamma| ranks."""
     from torch import nn

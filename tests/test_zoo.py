@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_batchnorms, zero_removed
+from helpers import flat_outputs, randomize_batchnorms, zero_removed
 
 import slimcore
 
@@ -42,16 +42,6 @@ YOLO = ["yolov8n", "yolo11n", "yolov8n-seg", "yolo11n-seg", "yolov8n-pose", "yol
         "yolo11n-cls"]
 
 
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for a in out for t in _flat(a)]
-    return []
-
-
 def check_zoo_model(model, head, criterion="bn_scale", min_cut=0.2, min_share=0.9, keep_outputs=True):
     torch.manual_seed(0)
     model = randomize_batchnorms(model).eval()
@@ -60,7 +50,7 @@ def check_zoo_model(model, head, criterion="bn_scale", min_cut=0.2, min_share=0.
     report = slimcore.prune(model, x, ratio=0.4, criterion=criterion, compensate=False, keep_outputs=keep_outputs)
     zero_removed(dense, report.removed)
     with torch.no_grad():
-        got, want = _flat(model(x)), _flat(dense(x))
+        got, want = flat_outputs(model(x)), flat_outputs(dense(x))
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         if g.shape != w.shape:  # an output freed by keep_outputs: the dense one's surviving channels
